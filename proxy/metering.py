@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +35,9 @@ class Usage:
         """Read an API `usage` object; fields it lacks keep their value from `base`.
 
         `cache_creation_input_tokens` without the `cache_creation` breakdown counts as 5-minute
-        writes. `output_tokens` is cumulative in the API, so a later value replaces an earlier one.
+        writes, except for the 1-hour writes `base` already holds (a `message_delta` repeats the
+        total of `message_start` without its breakdown). `output_tokens` is cumulative in the API,
+        so a later value replaces an earlier one.
         """
         base = base or cls()
         breakdown = usage.get("cache_creation")
@@ -42,8 +45,11 @@ class Usage:
             write_5m = _count(breakdown.get("ephemeral_5m_input_tokens"))
             write_1h = _count(breakdown.get("ephemeral_1h_input_tokens"))
         elif usage.get("cache_creation_input_tokens") is not None:
-            write_5m = _count(usage.get("cache_creation_input_tokens"))
-            write_1h = 0
+            # message_delta repeats the total without the breakdown: keep the 1-hour part that
+            # message_start reported (up to the new total); the rest are 5-minute writes.
+            write_total = _count(usage.get("cache_creation_input_tokens"))
+            write_1h = min(base.cache_creation_1h_input_tokens, write_total)
+            write_5m = write_total - write_1h
         else:
             write_5m = base.cache_creation_5m_input_tokens
             write_1h = base.cache_creation_1h_input_tokens
@@ -75,3 +81,161 @@ def _count(value: Any) -> int:
 
 def _pick(usage: dict[str, Any], name: str, default: int) -> int:
     return _count(usage[name]) if usage.get(name) is not None else default
+
+
+def usage_from_body(body: bytes) -> Usage | None:
+    """Usage of a non-streaming Messages response; None when the body is not JSON or has none."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return None
+    if not isinstance(payload, dict):
+        return None
+    usage = payload.get("usage")
+    return Usage.from_api(usage) if isinstance(usage, dict) else None
+
+
+# Events whose data the meter reads; any other named event (ping, content_block_start/stop, new
+# kinds) is skipped on its `event:` line, before its `data:` is even kept.
+_READ_EVENTS = frozenset(
+    {b"message_start", b"message_delta", b"message_stop", b"content_block_delta", b"error"}
+)
+# content_block_delta kinds whose text the client received, and the field that holds it.
+_DELTA_TEXT_FIELDS = {
+    "text_delta": "text",
+    "input_json_delta": "partial_json",
+    "thinking_delta": "thinking",
+}
+
+
+class SseMeter:
+    """Incremental reader of a Messages API SSE stream: usage, completion and relayed text.
+
+    Feed it the stream's bytes as they are relayed, in chunks of any size (lines end with `\\n`
+    or `\\r\\n`). It keeps only the current partial line, the current event's data lines and the
+    delta text (for estimating the output of a stream cut before `message_stop`).
+    """
+
+    __slots__ = (
+        "_data",
+        "_event",
+        "_pending",
+        "_skip",
+        "_texts",
+        "completed",
+        "error_type",
+        "model",
+        "saw_message_start",
+        "stop_reason",
+        "usage",
+    )
+
+    def __init__(self) -> None:
+        self.usage = Usage()
+        self.completed = False  # message_stop seen
+        self.error_type: str | None = None  # error.type of an `error` event
+        self.saw_message_start = False
+        self.model: str | None = None  # message.model of message_start
+        self.stop_reason: str | None = None  # delta.stop_reason of the last message_delta
+        self._texts: list[str] = []
+        self._pending = bytearray()  # an unfinished line
+        self._event: bytes | None = None  # the `event:` name of the event being read
+        self._data: list[bytes] = []  # its `data:` lines
+        self._skip = False  # its name says it carries nothing to meter
+
+    def feed(self, chunk: bytes) -> None:
+        """Read the next bytes of the stream."""
+        newline = chunk.find(b"\n")
+        if newline < 0:
+            self._pending += chunk
+            return
+        if self._pending:
+            self._pending += chunk[:newline]
+            line = bytes(self._pending)
+            self._pending.clear()
+            self._line(line)
+        else:
+            self._line(chunk[:newline])
+        start = newline + 1
+        while (newline := chunk.find(b"\n", start)) >= 0:
+            self._line(chunk[start:newline])
+            start = newline + 1
+        if start < len(chunk):
+            self._pending += chunk[start:]
+
+    def relayed_text(self) -> str:
+        """The text of every content delta seen (text, tool input JSON, thinking), joined."""
+        return "".join(self._texts)
+
+    def _line(self, line: bytes) -> None:
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if not line:
+            self._dispatch()
+            return
+        field, _, value = line.partition(b":")
+        if value.startswith(b" "):
+            value = value[1:]
+        if field == b"data":
+            if not self._skip:
+                self._data.append(value)
+        elif field == b"event":
+            self._event = value
+            self._skip = value not in _READ_EVENTS
+            if self._skip:
+                self._data.clear()
+        # comments (":..."), id: and retry: carry nothing to meter
+
+    def _dispatch(self) -> None:
+        """A blank line ends an event: act on it, then start the next."""
+        name, data, skip = self._event, self._data, self._skip
+        self._event, self._skip = None, False
+        if skip:
+            return
+        if name == b"message_stop":
+            self.completed = True
+            data.clear()
+            return
+        if not data:
+            return
+        raw = data[0] if len(data) == 1 else b"\n".join(data)
+        data.clear()
+        try:
+            payload = json.loads(raw)
+        except (ValueError, RecursionError):
+            return
+        if isinstance(payload, dict):
+            self._read(payload)
+
+    def _read(self, payload: dict[str, Any]) -> None:
+        kind = payload.get("type")
+        if kind == "content_block_delta":
+            delta = payload.get("delta")
+            if isinstance(delta, dict):
+                delta_type = delta.get("type")
+                field = _DELTA_TEXT_FIELDS.get(delta_type) if isinstance(delta_type, str) else None
+                text = delta.get(field) if field else None
+                if isinstance(text, str) and text:
+                    self._texts.append(text)
+        elif kind == "message_delta":
+            usage = payload.get("usage")
+            if isinstance(usage, dict):
+                self.usage = Usage.from_api(usage, self.usage)
+            delta = payload.get("delta")
+            if isinstance(delta, dict) and isinstance(delta.get("stop_reason"), str):
+                self.stop_reason = delta["stop_reason"]
+        elif kind == "message_start":
+            self.saw_message_start = True
+            message = payload.get("message")
+            if isinstance(message, dict):
+                if isinstance(message.get("model"), str):
+                    self.model = message["model"]
+                usage = message.get("usage")
+                if isinstance(usage, dict):
+                    self.usage = Usage.from_api(usage, self.usage)
+        elif kind == "message_stop":
+            self.completed = True
+        elif kind == "error":
+            error = payload.get("error")
+            error_type = error.get("type") if isinstance(error, dict) else None
+            self.error_type = error_type if isinstance(error_type, str) else "error"

@@ -1,0 +1,180 @@
+"""The command line: usage-proxy serve | mock-upstream | hash-key."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import socket
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from aiohttp import web
+
+from proxy.app import create_app
+from proxy.auth import hash_key
+from proxy.clock import OffsetClock
+from proxy.errors import ConfigError
+from proxy.logs import configure_logging
+from proxy.mock_upstream import create_mock_app
+from proxy.orgfile import load_orgs
+from proxy.settings import Settings, load_settings
+
+DEFAULT_CONFIG = Path("config/proxy.toml")
+DEMO_UPSTREAM_KEY = "sk-demo-upstream-key"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="usage-proxy",
+        description="A metering reverse proxy for Anthropic's Messages API.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the proxy")
+    serve.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG,
+        help="proxy.toml (default: config/proxy.toml)",
+    )
+    serve.add_argument(
+        "--demo",
+        action="store_true",
+        help="use the built-in mock upstream, a demo SQLite file and a demo org",
+    )
+    serve.add_argument("--host", help="override server.host")
+    serve.add_argument("--port", type=int, help="override server.port")
+
+    mock = commands.add_parser("mock-upstream", help="run only the fake Anthropic API")
+    mock.add_argument("--host", default="127.0.0.1")
+    mock.add_argument("--port", type=int, default=8788)
+    mock.add_argument("--api-key", help="refuse requests whose x-api-key differs")
+
+    hashing = commands.add_parser("hash-key", help="print the SHA-256 of a key for orgs.toml")
+    hashing.add_argument("key")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "mock-upstream":
+            configure_logging()
+            web.run_app(
+                create_mock_app(api_key=args.api_key),
+                host=args.host,
+                port=args.port,
+                print=lambda _: print(f"mock upstream on http://{args.host}:{args.port}"),
+            )
+            return 0
+        if args.command == "hash-key":
+            print(hash_key(args.key))
+            return 0
+    except ConfigError as exc:
+        print(f"usage-proxy: config error: {exc}", file=sys.stderr)
+        return 2
+    return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    server = dataclasses.replace(
+        settings.server,
+        host=args.host or settings.server.host,
+        port=args.port or settings.server.port,
+    )
+    if args.port and not args.demo and server.public_url.endswith(f":{settings.server.port}"):
+        server = dataclasses.replace(server, public_url=f"http://{server.host}:{server.port}")
+    settings = dataclasses.replace(settings, server=server)
+    configure_logging(settings.server.log_level)
+    if args.demo:
+        return _serve_demo(settings, args.config)
+    if settings.orgs_file is not None:
+        load_orgs(
+            settings.orgs_file, settings.plans
+        )  # fail fast, with file and key, before binding
+    app = create_app(settings)
+    web.run_app(
+        app,
+        host=server.host,
+        port=server.port,
+        handler_cancellation=True,
+        access_log=None,
+        print=lambda _: print(f"usage-proxy on {server.public_url}"),
+    )
+    return 0
+
+
+def _serve_demo(settings: Settings, config_path: Path) -> int:
+    """The one-command try-out: mock upstream in process, a demo SQLite file, the demo org."""
+    mock_sock = socket.socket()
+    mock_sock.bind(("127.0.0.1", 0))
+    mock_url = f"http://127.0.0.1:{mock_sock.getsockname()[1]}"
+    public_url = f"http://{settings.server.host}:{settings.server.port}"
+    orgs_file = config_path.parent / "demo-orgs.toml"
+    settings = dataclasses.replace(
+        settings,
+        server=dataclasses.replace(settings.server, public_url=public_url),
+        upstream=dataclasses.replace(
+            settings.upstream, base_url=mock_url, api_key=DEMO_UPSTREAM_KEY
+        ),
+        store=dataclasses.replace(
+            settings.store, url=f"sqlite:///{Path('usage-proxy-demo.db').resolve()}"
+        ),
+        orgs_file=orgs_file,
+        demo=True,
+    )
+    orgs = load_orgs(orgs_file, settings.plans)
+    app = create_app(settings, clock=OffsetClock())
+
+    async def mock_ctx(_: web.Application) -> AsyncIterator[None]:
+        runner = web.AppRunner(create_mock_app(api_key=DEMO_UPSTREAM_KEY), access_log=None)
+        await runner.setup()
+        await web.SockSite(runner, mock_sock).start()
+        yield
+        await runner.cleanup()
+
+    app.cleanup_ctx.insert(0, mock_ctx)
+
+    def banner(_: str) -> None:
+        print(
+            f"usage-proxy demo on {public_url} (mock upstream {mock_url}; nothing real is spent)"
+        )
+        print(f"store: {settings.store.url}")
+        for org in orgs:
+            print(f"org {org.id!r} ({org.plan}):")
+            for member in org.members:
+                keys = ", ".join(_demo_keys(orgs_file, member.email)) or "(hash only)"
+                print(f"  {member.email:<20} {member.role:<14} {member.tier:<9} key: {keys}")
+        first_key = next(iter(_demo_keys(orgs_file, orgs[0].members[1].email)), "<key>")
+        print("\nPoint Claude Code at it:")
+        print(f"  export ANTHROPIC_BASE_URL={public_url}")
+        print(f"  export ANTHROPIC_API_KEY={first_key}")
+        print("  export CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1")
+        print("  claude")
+
+    web.run_app(
+        app,
+        host=settings.server.host,
+        port=settings.server.port,
+        handler_cancellation=True,
+        access_log=None,
+        print=banner,
+    )
+    return 0
+
+
+def _demo_keys(orgs_file: Path, email: str) -> list[str]:
+    """The plain demo keys of a member (demo-orgs.toml holds them in the clear on purpose)."""
+    import tomllib
+
+    data = tomllib.loads(orgs_file.read_text())
+    for org in data.get("orgs", []):
+        for member in org.get("members", []):
+            if member.get("email") == email and isinstance(member.get("key"), str):
+                return [member["key"]]
+    return []
+
+
+if __name__ == "__main__":
+    sys.exit(main())

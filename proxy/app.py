@@ -1,0 +1,101 @@
+"""create_app: the one place where the proxy is wired together."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import structlog
+from aiohttp import web
+
+from proxy import handlers
+from proxy.appkeys import BILLING, CLOCK, KEYS, SETTINGS, STORE, TASKS, TOKENS, UPSTREAM
+from proxy.auth import KeyCache
+from proxy.billing import Billing
+from proxy.clock import Clock, SystemClock
+from proxy.middlewares import exchange_middleware
+from proxy.orgfile import load_orgs
+from proxy.settings import Settings
+from proxy.store import open_store
+from proxy.tasks import Tasks
+from proxy.tokens import TokenCounter
+from proxy.upstream import Upstream
+
+log = structlog.get_logger("proxy.app")
+
+SWEEP_INTERVAL_S = 30.0
+
+
+def create_app(settings: Settings, *, clock: Clock | None = None) -> web.Application:
+    app = web.Application(
+        client_max_size=settings.server.max_body_bytes,
+        middlewares=[exchange_middleware],
+    )
+    app[SETTINGS] = settings
+    app[CLOCK] = clock or SystemClock()
+    app[TOKENS] = TokenCounter()
+    app[TASKS] = Tasks()
+    app[UPSTREAM] = Upstream(settings.upstream)
+    # Exit runs in reverse: drain tasks (settlements), then close upstream, then the store.
+    app.cleanup_ctx.extend([_store_ctx, _upstream_ctx, _tasks_ctx])
+
+    app.router.add_route("HEAD", "/", handlers.head_root)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_post("/v1/messages", handlers.messages)
+    app.router.add_route("*", "/v1/{tail:.*}", handlers.passthrough)
+    return app
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    store = await open_store(settings.store.url)
+    try:
+        if settings.orgs_file is not None:
+            await store.apply_orgs(
+                load_orgs(settings.orgs_file, settings.plans), app[CLOCK].now_s()
+            )
+        app[STORE] = store
+        app[KEYS] = KeyCache(store, app[CLOCK], settings.server.key_cache_s)
+        app[BILLING] = Billing(store, app[CLOCK], settings)
+        yield
+    finally:
+        await store.close()
+
+
+async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    await app[UPSTREAM].start()
+    yield
+    await app[UPSTREAM].close()
+
+
+async def _tasks_ctx(app: web.Application) -> AsyncIterator[None]:
+    tasks = app[TASKS]
+    sweeper = tasks.spawn(_sweep(app[BILLING]), name="reservation sweeper")
+    yield
+    sweeper.cancel()
+    await tasks.drain()
+
+
+async def _sweep(billing: Billing) -> None:
+    """Expire reservations that no process settled (a crash); the first pass runs at start."""
+    while True:
+        try:
+            expired = await billing.expire_pending()
+            if expired:
+                log.warning("reservations_expired", count=expired)
+        except Exception:
+            log.exception("sweep_failed")
+        await asyncio.sleep(SWEEP_INTERVAL_S)
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(request.app[STORE].ping(), timeout=2.0)
+        return web.json_response({"status": "ready"})
+    return web.json_response({"status": "store unreachable"}, status=503)

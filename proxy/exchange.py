@@ -1,0 +1,28 @@
+"""The Exchange: everything the proxy learns about one request, carried through its phases."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from proxy.metering import Usage
+from proxy.pricing import ModelPrice
+from proxy.store.base import Seat
+
+
+@dataclass(slots=True)
+class Exchange:
+    request_id: str
+    started_s: float  # time.perf_counter() at arrival, for durations
+    seat: Seat | None = None
+    model: str | None = None
+    stream: bool = False
+    price: ModelPrice | None = None
+    input_tokens_estimate: int = 0
+    max_tokens: int = 0
+    reserved_nanos: int = 0
+    admitted: bool = False  # a pending reservation exists and must be settled exactly once
+    upstream_status: int | None = None
+    upstream_ms: float | None = None
+    usage: Usage | None = None  # None: nothing billable
+    cost_nanos: int = 0
+    outcome: str = "unknown"

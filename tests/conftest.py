@@ -1,0 +1,124 @@
+"""Shared fixtures: factories for settings and servers on real sockets (no patching)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from proxy.app import create_app
+from proxy.clock import FakeClock
+from proxy.mock_upstream import create_mock_app
+from proxy.settings import Settings, load_settings
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
+UPSTREAM_KEY = "sk-ant-test-upstream-key-never-shown"
+ADMIN_TOKEN = "test-operator-token-0123456789"
+
+ALICE_KEY = "sk-test-alice-00000000000000001"
+BOB_KEY = "sk-test-bob-0000000000000000002"
+REVOKED_KEY = "sk-test-revoked-000000000000003"
+
+DEFAULT_ORGS = f"""
+[[orgs]]
+id = "acme"
+plan = "team"
+timezone = "UTC"
+extra_usage = "all"
+
+[[orgs.members]]
+email = "alice@acme.test"
+role = "owner"
+tier = "standard"
+key = ["{ALICE_KEY}", "{REVOKED_KEY}"]
+
+[[orgs.members]]
+email = "bob@acme.test"
+role = "member"
+tier = "standard"
+key = "{BOB_KEY}"
+"""
+
+
+@pytest.fixture(autouse=True)
+def _no_anthropic_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never see the developer's real ANTHROPIC_* variables."""
+    for name in list(os.environ):
+        if name.startswith("ANTHROPIC_"):
+            monkeypatch.delenv(name)
+
+
+@dataclass
+class ConfigFactory:
+    """Writes a config directory (real pricing and plans, given orgs) and loads it."""
+
+    root: Path
+
+    def write(
+        self,
+        *,
+        upstream_url: str = "http://127.0.0.1:9",
+        orgs: str = DEFAULT_ORGS,
+        server: str = "",
+        upstream: str = "",
+        plans: str | None = None,
+    ) -> Path:
+        """`server` and `upstream` are extra TOML lines for those tables of proxy.toml."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        shutil.copy(CONFIG_DIR / "pricing.toml", self.root / "pricing.toml")
+        if plans is None:
+            shutil.copy(CONFIG_DIR / "plans.toml", self.root / "plans.toml")
+        else:
+            (self.root / "plans.toml").write_text(plans)
+        (self.root / "orgs.toml").write_text(orgs)
+        path = self.root / "proxy.toml"
+        path.write_text(
+            f"[server]\n{server}\n"
+            f'[upstream]\nbase_url = "{upstream_url}"\n{upstream}\n'
+            f'[store]\nurl = "sqlite:///proxy.db"\n'
+            f'[files]\norgs = "orgs.toml"\n'
+        )
+        return path
+
+    def settings(self, **kwargs: object) -> Settings:
+        env = {"ANTHROPIC_API_KEY": UPSTREAM_KEY, "USAGE_PROXY_ADMIN_TOKEN": ADMIN_TOKEN}
+        return load_settings(self.write(**kwargs), env=env)
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> ConfigFactory:
+    return ConfigFactory(tmp_path / "config")
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def upstream(aiohttp_server: Callable[..., TestServer]) -> TestServer:
+    """The mock Messages API on a real socket; it refuses any key but the proxy's."""
+    return await aiohttp_server(create_mock_app(api_key=UPSTREAM_KEY))
+
+
+@pytest.fixture
+def start_proxy(aiohttp_server, config: ConfigFactory, clock: FakeClock, upstream: TestServer):
+    """Start the real app (create_app) against the mock upstream; returns the TestServer."""
+
+    async def start(**kwargs: object) -> TestServer:
+        kwargs.setdefault("upstream_url", str(upstream.make_url("")).rstrip("/"))
+        app: web.Application = create_app(config.settings(**kwargs), clock=clock)
+        return await aiohttp_server(app)  # test servers cancel handlers of gone clients
+
+    return start
+
+
+@pytest.fixture
+async def proxy(start_proxy) -> TestServer:
+    return await start_proxy()
