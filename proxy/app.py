@@ -9,13 +9,16 @@ from collections.abc import AsyncIterator
 import structlog
 from aiohttp import web
 
-from proxy import handlers
+from proxy import handlers, pages
 from proxy.appkeys import BILLING, CLOCK, KEYS, SETTINGS, STORE, TASKS, TOKENS, UPSTREAM
 from proxy.auth import KeyCache
 from proxy.billing import Billing
 from proxy.clock import Clock, SystemClock
+from proxy.continuation import ContinueLinks
+from proxy.errors import bad_request
 from proxy.middlewares import exchange_middleware
 from proxy.orgfile import load_orgs
+from proxy.refusals import rfc3339
 from proxy.settings import Settings
 from proxy.store import open_store
 from proxy.tasks import Tasks
@@ -44,6 +47,11 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> web.Applica
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_post("/v1/messages", handlers.messages)
+    app.router.add_post("/v1/extra-usage/continue", handlers.continue_extra_usage)
+    app.router.add_get("/continue/{token}", pages.continue_page)
+    app.router.add_post("/continue/{token}", pages.confirm_continue)
+    if settings.demo:
+        app.router.add_post("/admin/v1/clock", _advance_clock)
     app.router.add_route("*", "/v1/{tail:.*}", handlers.passthrough)
     return app
 
@@ -58,7 +66,8 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
             )
         app[STORE] = store
         app[KEYS] = KeyCache(store, app[CLOCK], settings.server.key_cache_s)
-        app[BILLING] = Billing(store, app[CLOCK], settings)
+        links = ContinueLinks(await store.secret("continue_link"), settings.server.public_url)
+        app[BILLING] = Billing(store, app[CLOCK], settings, links)
         yield
     finally:
         await store.close()
@@ -88,6 +97,19 @@ async def _sweep(billing: Billing) -> None:
         except Exception:
             log.exception("sweep_failed")
         await asyncio.sleep(SWEEP_INTERVAL_S)
+
+
+async def _advance_clock(request: web.Request) -> web.Response:
+    """Demo only: move the clock forward, to watch a window reset in seconds."""
+    try:
+        advance_s = (await request.json())["advance_s"]
+    except (ValueError, KeyError, TypeError):
+        advance_s = None
+    if not isinstance(advance_s, int | float) or isinstance(advance_s, bool) or advance_s < 0:
+        raise bad_request("advance_s: Field required (a number of seconds, 0 or more).")
+    clock = request.app[CLOCK]
+    clock.advance(advance_s)  # type: ignore[attr-defined]  # demo clocks can move
+    return web.json_response({"now": rfc3339(clock.now_s())})
 
 
 async def _healthz(request: web.Request) -> web.Response:

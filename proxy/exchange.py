@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from proxy.metering import Usage
 from proxy.pricing import ModelPrice
@@ -20,6 +20,8 @@ class Exchange:
     input_tokens_estimate: int = 0
     max_tokens: int = 0
     reserved_nanos: int = 0
+    billing: str = "included"  # who pays: "included" quota or "extra" usage
+    usage_headers: dict[str, str] = field(default_factory=dict)  # x-usage-* at admission
     admitted: bool = False  # a pending reservation exists and must be settled exactly once
     upstream_status: int | None = None
     upstream_ms: float | None = None

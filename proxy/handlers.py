@@ -18,9 +18,11 @@ from proxy.errors import Refusal, bad_request, unauthenticated
 from proxy.exchange import Exchange
 from proxy.metering import SseMeter, Usage, usage_from_body
 from proxy.money import format_usd
+from proxy.refusals import extra_usage_disabled_refusal, reset_phrase, rfc3339
 from proxy.store.base import Seat
 
 SSE_CONTENT_TYPE = "text/event-stream"
+CONTINUE_HEADER = "x-extra-usage"
 
 
 async def head_root(request: web.Request) -> web.Response:
@@ -87,7 +89,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
             "(add it to pricing.toml or set pricing.unknown_model)."
         )
     ex.input_tokens_estimate = app[TOKENS].request_input_tokens(call)
-    await app[BILLING].admit(ex)
+    await app[BILLING].admit(ex, continue_requested=wants_to_continue(request))
 
     upstream = app[UPSTREAM]
     headers = upstream.request_headers(request.headers)
@@ -108,6 +110,29 @@ async def messages(request: web.Request) -> web.StreamResponse:
         ex.outcome = "client_disconnected"
         raise
     return web.Response(status=status, headers=response_headers, body=payload)
+
+
+def wants_to_continue(request: web.Request) -> bool:
+    """`x-extra-usage: continue`: the member chooses to go on with extra usage when needed."""
+    return request.headers.get(CONTINUE_HEADER, "").strip().lower() == "continue"
+
+
+async def continue_extra_usage(request: web.Request) -> web.Response:
+    """POST /v1/extra-usage/continue: opt in to extra usage until the blocking window resets."""
+    seat = await authenticate(request)
+    status = await request.app[BILLING].continue_extra_usage(seat.member_id)
+    if not status.member.extra_usage_enabled:
+        raise extra_usage_disabled_refusal(seat)
+    assert status.member.consent_until_s is not None
+    return web.json_response(
+        {
+            "status": "active",
+            "consent_until": rfc3339(status.member.consent_until_s),
+            "message": "Extra usage is on for you until "
+            f"{reset_phrase(status.member.consent_until_s, seat.timezone)}; requests beyond your "
+            "included quota are billed at API rates.",
+        }
+    )
 
 
 def parse_messages_call(body: bytes) -> dict[str, Any]:
@@ -151,6 +176,7 @@ async def _forward_whole(
         app[BILLING].charge(ex, usage)
         if ex.outcome == "unknown":
             ex.outcome = "ok" if up.status < 300 else "upstream_error"
+        response_headers.update(ex.usage_headers)
         response_headers["x-usage-cost"] = format_usd(ex.cost_nanos)
         return up.status, response_headers, payload
     except Refusal as refusal:
@@ -175,12 +201,12 @@ async def _relay_stream(
                 payload = await up.read()
                 app[BILLING].charge(ex, usage_from_body(payload) if up.status < 300 else None)
                 ex.outcome = "ok" if up.status < 300 else "upstream_error"
-                return web.Response(
-                    status=up.status, headers=upstream.response_headers(up.headers), body=payload
-                )
-            response = web.StreamResponse(
-                status=up.status, headers=upstream.response_headers(up.headers)
-            )
+                response_headers = upstream.response_headers(up.headers)
+                response_headers.update(ex.usage_headers)
+                return web.Response(status=up.status, headers=response_headers, body=payload)
+            response_headers = upstream.response_headers(up.headers)
+            response_headers.update(ex.usage_headers)
+            response = web.StreamResponse(status=up.status, headers=response_headers)
             await response.prepare(request)
             meter = SseMeter()
             try:

@@ -27,7 +27,8 @@ HOP_BY_HOP = frozenset(
         "content-length",
     }
 )
-MEMBER_CREDENTIALS = frozenset({"x-api-key", "authorization"})
+# The member's key, and the proxy's own request header (SPEC §7), never go upstream.
+MEMBER_ONLY = frozenset({"x-api-key", "authorization", "x-extra-usage"})
 RATELIMIT_PREFIX = "anthropic-ratelimit-"
 
 
@@ -60,7 +61,7 @@ class Upstream:
             (name, value)
             for name, value in incoming.items()
             if name.lower() not in HOP_BY_HOP
-            and name.lower() not in MEMBER_CREDENTIALS
+            and name.lower() not in MEMBER_ONLY
             and name.lower() != "accept-encoding"
         )
         headers["x-api-key"] = self._settings.api_key

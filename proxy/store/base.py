@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from proxy.ledger import Admitted, Blocked, MemberState, Windows
 from proxy.metering import Usage
+from proxy.settings import Tier
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,17 +25,33 @@ class Seat:
 
 
 @dataclass(frozen=True, slots=True)
-class Reservation:
-    """A request admitted and about to be forwarded: pending until settled."""
+class AdmissionRequest:
+    """A request asking to be forwarded; admitted, it becomes a pending reservation."""
 
     request_id: str
     member_id: int
     org_id: str
     model: str
     stream: bool
-    reserved_nanos: int
+    worst_case_nanos: int
+    continue_requested: bool  # the `x-extra-usage: continue` header
     created_at_s: float
     expires_at_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """The outcome of admission and the member's state it was decided on (for headers)."""
+
+    decision: Admitted | Blocked
+    windows: Windows
+    member: MemberState
+
+
+@dataclass(frozen=True, slots=True)
+class MemberStatus:
+    windows: Windows
+    member: MemberState
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +80,10 @@ class RequestRecord:
     cost_nanos: int
     upstream_status: int | None
     outcome: str | None
+    billing: str = "included"
+    included_nanos: int = 0
+    extra_nanos: int = 0
+    overrun_nanos: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,17 +115,30 @@ class Store(Protocol):
         """The seat of an unrevoked key of a current member, or None."""
         ...
 
-    async def reserve(self, reservation: Reservation) -> None:
-        """Record an admitted request as pending (before it is forwarded)."""
+    async def admit(self, request: AdmissionRequest, tiers: Mapping[str, Tier]) -> Admission:
+        """Decide who pays (ledger.admit) and, when admitted, record the pending reservation."""
         ...
 
-    async def settle(self, settlement: Settlement) -> bool:
-        """Post (or void) a pending request; False when it was already settled (idempotent)."""
+    async def settle(self, settlement: Settlement, tiers: Mapping[str, Tier]) -> bool:
+        """Post (or void) a pending request, splitting its cost across included quota, extra
+        usage and overrun; False when it was already settled (idempotent)."""
         ...
 
     async def expire_pending(self, now_s: float) -> int:
         """Settle as expired every reservation whose expiry has passed; return how many."""
         ...
+
+    async def member_status(
+        self, member_id: int, tiers: Mapping[str, Tier], now_s: float
+    ) -> MemberStatus: ...
+
+    async def continue_extra_usage(
+        self, member_id: int, tiers: Mapping[str, Tier], now_s: float
+    ) -> MemberStatus:
+        """Record the member's choice to continue on extra usage (when it is enabled for them)."""
+        ...
+
+    async def secret(self, name: str) -> str: ...
 
     async def get_request(self, request_id: str) -> RequestRecord | None: ...
 

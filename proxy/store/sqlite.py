@@ -9,15 +9,35 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
 import aiosqlite
 
+from proxy import ledger
+from proxy.ledger import (
+    Admitted,
+    MemberState,
+    Window,
+    Windows,
+    current_windows,
+    split_charge,
+    with_limits,
+)
 from proxy.metering import Usage
-from proxy.store.base import OrgSpec, RequestRecord, Reservation, Seat, Settlement
+from proxy.settings import Tier
+from proxy.store.base import (
+    Admission,
+    AdmissionRequest,
+    MemberStatus,
+    OrgSpec,
+    RequestRecord,
+    Seat,
+    Settlement,
+)
 
 
 class SqliteStore:
@@ -73,36 +93,96 @@ class SqliteStore:
         )
         return Seat(*rows[0]) if rows else None
 
-    async def reserve(self, reservation: Reservation) -> None:
-        r = reservation
+    async def admit(self, request: AdmissionRequest, tiers: Mapping[str, Tier]) -> Admission:
+        r = request
         async with self._tx() as db:
-            await db.execute(
-                """INSERT INTO requests (id, member_id, org_id, model, stream, status,
-                       reserved_nanos, created_at_s, expires_at_s)
-                   VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?)""",
-                (
-                    r.request_id,
-                    r.member_id,
-                    r.org_id,
-                    r.model,
-                    int(r.stream),
-                    r.reserved_nanos,
-                    r.created_at_s,
-                    r.expires_at_s,
-                ),
+            tier, member = await self._member(db, r.member_id, tiers)
+            windows = current_windows(tier, await self._windows(db, r.member_id), r.created_at_s)
+            decision = ledger.admit(
+                windows,
+                tier,
+                r.worst_case_nanos,
+                member,
+                continue_requested=r.continue_requested,
+                now_s=r.created_at_s,
             )
+            if isinstance(decision, Admitted):
+                for kind in windows.opened:
+                    w = windows.by_kind[kind]
+                    await db.execute(
+                        "INSERT INTO windows (member_id, kind, started_at_s, ends_at_s) "
+                        "VALUES (?, ?, ?, ?)",
+                        (r.member_id, kind, w.started_at_s, w.ends_at_s),
+                    )
+                await db.execute(
+                    "UPDATE windows SET reserved_nanos = reserved_nanos + ? "
+                    "WHERE member_id = ? AND started_at_s IN (?, ?)",
+                    (decision.included_reserved_nanos, r.member_id, *_starts(windows)),
+                )
+                if decision.consent_until_s is not None:
+                    await db.execute(
+                        "UPDATE members SET consent_until_s = ? WHERE id = ?",
+                        (decision.consent_until_s, r.member_id),
+                    )
+                    member = replace(member, consent_until_s=decision.consent_until_s)
+                await db.execute(
+                    """INSERT INTO requests (id, member_id, org_id, model, stream, status, billing,
+                           reserved_nanos, session_started_at_s, weekly_started_at_s,
+                           created_at_s, expires_at_s)
+                       VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?)""",
+                    (
+                        r.request_id,
+                        r.member_id,
+                        r.org_id,
+                        r.model,
+                        int(r.stream),
+                        decision.billing,
+                        decision.included_reserved_nanos,
+                        *_starts(windows),
+                        r.created_at_s,
+                        r.expires_at_s,
+                    ),
+                )
+            return Admission(decision, windows, member)
 
-    async def settle(self, settlement: Settlement) -> bool:
+    async def settle(self, settlement: Settlement, tiers: Mapping[str, Tier]) -> bool:
         s = settlement
         usage = s.usage or Usage()
         async with self._tx() as db:
-            cursor = await db.execute(
+            rows = await (
+                await db.execute(
+                    "SELECT member_id, billing, reserved_nanos, session_started_at_s, "
+                    "weekly_started_at_s FROM requests WHERE id = ? AND status = 'pending'",
+                    (s.request_id,),
+                )
+            ).fetchall()
+            if not rows:
+                return False
+            member_id, billing, reserved_nanos, session_start, weekly_start = rows[0]
+            tier, _ = await self._member(db, member_id, tiers)
+            windows = with_limits(
+                tier, await self._windows(db, member_id, (session_start, weekly_start))
+            )
+            split = split_charge(s.cost_nanos, windows, billing)
+            await db.execute(
+                "UPDATE windows SET used_nanos = used_nanos + ?, reserved_nanos = reserved_nanos - ? "
+                "WHERE member_id = ? AND started_at_s IN (?, ?)",
+                (
+                    split.included_nanos + split.overrun_nanos,
+                    reserved_nanos,
+                    member_id,
+                    session_start,
+                    weekly_start,
+                ),
+            )
+            await db.execute(
                 """UPDATE requests SET status = ?, input_tokens = ?, output_tokens = ?,
                        cache_creation_5m_input_tokens = ?, cache_creation_1h_input_tokens = ?,
                        cache_read_input_tokens = ?, web_search_requests = ?, speed = ?,
-                       output_estimated = ?, cost_nanos = ?, upstream_status = ?, outcome = ?,
-                       settled_at_s = ?, upstream_ms = ?, duration_ms = ?
-                   WHERE id = ? AND status = 'pending'""",
+                       output_estimated = ?, cost_nanos = ?, included_nanos = ?, extra_nanos = ?,
+                       overrun_nanos = ?, upstream_status = ?, outcome = ?, settled_at_s = ?,
+                       upstream_ms = ?, duration_ms = ?
+                   WHERE id = ?""",
                 (
                     "posted" if s.usage is not None else "voided",
                     usage.input_tokens,
@@ -114,6 +194,9 @@ class SqliteStore:
                     usage.speed,
                     int(usage.output_estimated),
                     s.cost_nanos,
+                    split.included_nanos,
+                    split.extra_nanos,
+                    split.overrun_nanos,
                     s.upstream_status,
                     s.outcome,
                     s.settled_at_s,
@@ -122,16 +205,97 @@ class SqliteStore:
                     s.request_id,
                 ),
             )
-            return cursor.rowcount == 1
+            return True
 
     async def expire_pending(self, now_s: float) -> int:
         async with self._tx() as db:
-            cursor = await db.execute(
-                """UPDATE requests SET status = 'expired', outcome = 'expired', settled_at_s = ?
-                   WHERE status = 'pending' AND expires_at_s <= ?""",
-                (now_s, now_s),
+            rows = await (
+                await db.execute(
+                    "SELECT id, member_id, reserved_nanos, session_started_at_s, weekly_started_at_s "
+                    "FROM requests WHERE status = 'pending' AND expires_at_s <= ?",
+                    (now_s,),
+                )
+            ).fetchall()
+            for request_id, member_id, reserved_nanos, session_start, weekly_start in rows:
+                await db.execute(
+                    "UPDATE windows SET reserved_nanos = reserved_nanos - ? "
+                    "WHERE member_id = ? AND started_at_s IN (?, ?)",
+                    (reserved_nanos, member_id, session_start, weekly_start),
+                )
+                await db.execute(
+                    "UPDATE requests SET status = 'expired', outcome = 'expired', "
+                    "settled_at_s = ? WHERE id = ?",
+                    (now_s, request_id),
+                )
+            return len(rows)
+
+    async def member_status(
+        self, member_id: int, tiers: Mapping[str, Tier], now_s: float
+    ) -> MemberStatus:
+        async with self._lock:
+            tier, member = await self._member(self._conn, member_id, tiers)
+            stored = await self._windows(self._conn, member_id)
+        return MemberStatus(current_windows(tier, stored, now_s), member)
+
+    async def continue_extra_usage(
+        self, member_id: int, tiers: Mapping[str, Tier], now_s: float
+    ) -> MemberStatus:
+        async with self._tx() as db:
+            tier, member = await self._member(db, member_id, tiers)
+            windows = current_windows(tier, await self._windows(db, member_id), now_s)
+            if member.extra_usage_enabled:
+                member = replace(member, consent_until_s=ledger.consent_until(windows, now_s))
+                await db.execute(
+                    "UPDATE members SET consent_until_s = ? WHERE id = ?",
+                    (member.consent_until_s, member_id),
+                )
+            return MemberStatus(windows, member)
+
+    async def secret(self, name: str) -> str:
+        rows = await self._read("SELECT value FROM secrets WHERE name = ?", (name,))
+        return rows[0][0]
+
+    @staticmethod
+    async def _member(
+        db: aiosqlite.Connection, member_id: int, tiers: Mapping[str, Tier]
+    ) -> tuple[Tier, MemberState]:
+        row = await (
+            await db.execute(
+                """SELECT m.tier, o.extra_usage = 'all' OR (o.extra_usage = 'selected'
+                      AND m.extra_usage_enabled = 1), m.extra_usage_consent, m.consent_until_s
+               FROM members m JOIN orgs o ON o.id = m.org_id WHERE m.id = ?""",
+                (member_id,),
             )
-            return cursor.rowcount
+        ).fetchone()
+        tier_name, enabled, consent, consent_until_s = row
+        return tiers[tier_name], MemberState(bool(enabled), consent, consent_until_s)
+
+    @staticmethod
+    async def _windows(
+        db: aiosqlite.Connection, member_id: int, starts: tuple[float | None, ...] | None = None
+    ) -> dict[str, Window]:
+        """The newest window of each kind (or the ones that began at `starts`)."""
+        if starts is None:
+            sql = (
+                "SELECT kind, started_at_s, ends_at_s, used_nanos, reserved_nanos FROM windows "
+                "w WHERE member_id = ? AND started_at_s = (SELECT MAX(started_at_s) FROM "
+                "windows WHERE member_id = w.member_id AND kind = w.kind)"
+            )
+            params: tuple = (member_id,)
+        else:
+            sql = (
+                "SELECT kind, started_at_s, ends_at_s, used_nanos, reserved_nanos FROM windows "
+                "WHERE member_id = ? AND started_at_s IN (?, ?)"
+            )
+            params = (member_id, *starts)
+        rows = await (await db.execute(sql, params)).fetchall()
+        # limit_nanos is not stored: the tier of the day supplies it (current_windows)
+        return {
+            kind: Window(
+                kind, started, ends, limit_nanos=0, used_nanos=used, reserved_nanos=reserved
+            )
+            for kind, started, ends, used, reserved in rows
+        }
 
     async def get_request(self, request_id: str) -> RequestRecord | None:
         rows = await self._read("SELECT * FROM requests WHERE id = ?", (request_id,))
@@ -259,3 +423,8 @@ def _request_record(row: aiosqlite.Row) -> RequestRecord:
         upstream_status=row["upstream_status"],
         outcome=row["outcome"],
     )
+
+
+def _starts(windows: Windows) -> tuple[float | None, float | None]:
+    session, weekly = windows.get(ledger.SESSION), windows.get(ledger.WEEKLY)
+    return (session.started_at_s if session else None, weekly.started_at_s if weekly else None)

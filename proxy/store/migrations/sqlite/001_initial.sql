@@ -15,6 +15,7 @@ CREATE TABLE members (
     tier TEXT NOT NULL,
     extra_usage_enabled INTEGER NOT NULL DEFAULT 0,
     extra_usage_consent TEXT NOT NULL DEFAULT 'ask' CHECK (extra_usage_consent IN ('ask', 'always')),
+    consent_until_s REAL,  -- the member chose to continue on extra usage until this instant
     removed INTEGER NOT NULL DEFAULT 0,
     created_at_s REAL NOT NULL,
     UNIQUE (org_id, email)
@@ -42,7 +43,13 @@ CREATE TABLE requests (
     model TEXT NOT NULL,
     stream INTEGER NOT NULL,
     status TEXT NOT NULL CHECK (status IN ('pending', 'posted', 'voided', 'expired')),
+    billing TEXT NOT NULL DEFAULT 'included' CHECK (billing IN ('included', 'extra')),
     reserved_nanos INTEGER NOT NULL DEFAULT 0,
+    session_started_at_s REAL,  -- the windows this request bills (as open at admission)
+    weekly_started_at_s REAL,
+    included_nanos INTEGER NOT NULL DEFAULT 0,
+    extra_nanos INTEGER NOT NULL DEFAULT 0,
+    overrun_nanos INTEGER NOT NULL DEFAULT 0,
     input_tokens INTEGER NOT NULL DEFAULT 0,
     output_tokens INTEGER NOT NULL DEFAULT 0,
     cache_creation_5m_input_tokens INTEGER NOT NULL DEFAULT 0,
@@ -62,3 +69,21 @@ CREATE TABLE requests (
 );
 CREATE INDEX requests_member_created ON requests (member_id, created_at_s);
 CREATE INDEX requests_pending ON requests (status, expires_at_s) WHERE status = 'pending';
+
+-- A member's session and weekly windows; the newest row of a kind is the current one.
+CREATE TABLE windows (
+    member_id INTEGER NOT NULL REFERENCES members(id),
+    kind TEXT NOT NULL CHECK (kind IN ('session', 'weekly')),
+    started_at_s REAL NOT NULL,
+    ends_at_s REAL NOT NULL,
+    used_nanos INTEGER NOT NULL DEFAULT 0,
+    reserved_nanos INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (member_id, kind, started_at_s)
+);
+
+-- Process-wide secrets made once per database (e.g. the key that signs continue links).
+CREATE TABLE secrets (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+INSERT INTO secrets (name, value) VALUES ('continue_link', lower(hex(randomblob(32))));

@@ -1,0 +1,172 @@
+"""Pure rules of included quota: windows, who pays, admission and the split of a charge. No I/O."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+from proxy.settings import Tier
+
+SESSION, WEEKLY = "session", "weekly"
+INCLUDED, EXTRA = "included", "extra"
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """One member's session or weekly window: opened by a request, closed by time passing."""
+
+    kind: str
+    started_at_s: float
+    ends_at_s: float
+    limit_nanos: int
+    used_nanos: int = 0  # posted included usage, overrun included
+    reserved_nanos: int = 0  # worst cases of requests in flight that bill it
+
+    @property
+    def remaining_nanos(self) -> int:
+        return max(0, self.limit_nanos - self.used_nanos)
+
+    def is_open(self, now_s: float) -> bool:
+        return now_s < self.ends_at_s
+
+
+@dataclass(frozen=True, slots=True)
+class Windows:
+    """The member's windows at one instant, and what changed to get there."""
+
+    by_kind: Mapping[str, Window]
+    opened: tuple[str, ...] = ()  # kinds that this instant opened (to be stored)
+    clock_went_back: bool = False  # now is before a stored window began: kept as it was
+
+    def get(self, kind: str) -> Window | None:
+        return self.by_kind.get(kind)
+
+
+def allowances(tier: Tier) -> dict[str, tuple[int, int]]:
+    """The tier's included quota per window kind: (limit_nanos, window_s)."""
+    result = {SESSION: (tier.session_included_nanos, tier.session_window_s)}
+    if tier.weekly_included_nanos is not None:
+        result[WEEKLY] = (tier.weekly_included_nanos, tier.weekly_window_s)
+    return result
+
+
+def with_limits(tier: Tier, stored: Mapping[str, Window]) -> Windows:
+    """Stored windows with the limits of the member's tier today (limits are not stored)."""
+    limits = allowances(tier)
+    return Windows(
+        {k: replace(w, limit_nanos=limits[k][0]) for k, w in stored.items() if k in limits}
+    )
+
+
+def current_windows(tier: Tier, stored: Mapping[str, Window], now_s: float) -> Windows:
+    """The windows open at `now_s`: a stored one until exactly its end, else a new one from now."""
+    by_kind: dict[str, Window] = {}
+    opened: list[str] = []
+    went_back = False
+    for kind, (limit_nanos, window_s) in allowances(tier).items():
+        window = stored.get(kind)
+        if window is not None and now_s < window.started_at_s:
+            went_back = True  # a clock moved backwards: never reopen a window because of it
+        if window is None or not (window.is_open(now_s) or now_s < window.started_at_s):
+            window = Window(kind, now_s, now_s + window_s, limit_nanos)
+            opened.append(kind)
+        by_kind[kind] = replace(window, limit_nanos=limit_nanos)  # the tier's limit of today
+    return Windows(by_kind, tuple(opened), went_back)
+
+
+@dataclass(frozen=True, slots=True)
+class MemberState:
+    """What the member may do beyond included quota (money limits come with billing)."""
+
+    extra_usage_enabled: bool
+    consent: str  # "ask" | "always"
+    consent_until_s: float | None
+
+    def has_continued(self, now_s: float) -> bool:
+        return self.consent == "always" or (
+            self.consent_until_s is not None and now_s < self.consent_until_s
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    billing: str  # INCLUDED | EXTRA
+    included_reserved_nanos: int  # added to the windows' reservations
+    consent_until_s: float | None = None  # a new consent to store (continue header)
+
+
+@dataclass(frozen=True, slots=True)
+class Blocked:
+    limit: str  # "session" | "weekly" | "extra_usage_disabled"
+    window: Window  # the window that ran out
+    extra_usage: str  # "available" | "disabled"
+
+
+def blocking_window(windows: Windows, rule: str, worst_case_nanos: int) -> Window | None:
+    """The window that keeps a request off included quota, or None when included admits it.
+
+    `any_remaining`: admitted while anything is left (the crossing request may finish).
+    `worst_case`: admitted only when the worst case fits beside what is in flight.
+    When several block, the one that resets last is named: waiting for the other would not help.
+    """
+    blocking = [
+        w
+        for w in windows.by_kind.values()
+        if (
+            w.used_nanos >= w.limit_nanos
+            if rule == "any_remaining"
+            else w.used_nanos + w.reserved_nanos + worst_case_nanos > w.limit_nanos
+        )
+    ]
+    return max(blocking, key=lambda w: w.ends_at_s) if blocking else None
+
+
+def admit(
+    windows: Windows,
+    tier: Tier,
+    worst_case_nanos: int,
+    member: MemberState,
+    *,
+    continue_requested: bool,
+    now_s: float,
+) -> Admitted | Blocked:
+    """Who pays for a request: included quota first, extra usage once the member continued."""
+    blocker = blocking_window(windows, tier.included_admission, worst_case_nanos)
+    if blocker is None:
+        return Admitted(INCLUDED, worst_case_nanos)
+    if not member.extra_usage_enabled:
+        limit = "extra_usage_disabled" if continue_requested else blocker.kind
+        return Blocked(limit, blocker, "disabled")
+    if member.has_continued(now_s):
+        return Admitted(EXTRA, 0)
+    if continue_requested:
+        return Admitted(EXTRA, 0, consent_until_s=consent_until(windows, now_s))
+    return Blocked(blocker.kind, blocker, "available")
+
+
+def consent_until(windows: Windows, now_s: float) -> float:
+    """A choice to continue lasts until the window that blocked resets (the latest exhausted one;
+    the session window's end when none is exhausted yet)."""
+    exhausted = [w.ends_at_s for w in windows.by_kind.values() if w.used_nanos >= w.limit_nanos]
+    if exhausted:
+        return max(exhausted)
+    return windows.by_kind[SESSION].ends_at_s
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    """How one settled charge divides: included quota, extra usage, and included overrun."""
+
+    included_nanos: int
+    extra_nanos: int
+    overrun_nanos: int
+
+
+def split_charge(cost_nanos: int, windows: Windows, billing: str) -> Split:
+    """Included quota first; the rest to extra usage if the member continued, else an overrun."""
+    room_nanos = min((w.remaining_nanos for w in windows.by_kind.values()), default=0)
+    included = min(cost_nanos, room_nanos)
+    rest = cost_nanos - included
+    if billing == EXTRA:
+        return Split(included, rest, 0)
+    return Split(included, 0, rest)
