@@ -137,9 +137,7 @@ def _serve_demo(settings: Settings, config_path: Path) -> int:
     app.cleanup_ctx.insert(0, mock_ctx)
 
     def banner(_: str) -> None:
-        print(
-            f"usage-proxy demo on {public_url} (mock upstream {mock_url}; nothing real is spent)"
-        )
+        print(f"usage-proxy demo on {public_url} (mock upstream {mock_url}; nothing real is spent)")
         print(f"store: {settings.store.url}")
         for org in orgs:
             print(f"org {org.id!r} ({org.plan}):")

@@ -165,8 +165,8 @@ class SqliteStore:
             )
             split = split_charge(s.cost_nanos, windows, billing)
             await db.execute(
-                "UPDATE windows SET used_nanos = used_nanos + ?, reserved_nanos = reserved_nanos - ? "
-                "WHERE member_id = ? AND started_at_s IN (?, ?)",
+                "UPDATE windows SET used_nanos = used_nanos + ?, "
+                "reserved_nanos = reserved_nanos - ? WHERE member_id = ? AND started_at_s IN (?, ?)",
                 (
                     split.included_nanos + split.overrun_nanos,
                     reserved_nanos,
@@ -211,8 +211,8 @@ class SqliteStore:
         async with self._tx() as db:
             rows = await (
                 await db.execute(
-                    "SELECT id, member_id, reserved_nanos, session_started_at_s, weekly_started_at_s "
-                    "FROM requests WHERE status = 'pending' AND expires_at_s <= ?",
+                    "SELECT id, member_id, reserved_nanos, session_started_at_s, "
+                    "weekly_started_at_s FROM requests WHERE status = 'pending' AND expires_at_s <= ?",
                     (now_s,),
                 )
             ).fetchall()
