@@ -1,11 +1,15 @@
-"""The command line: usage-proxy serve | mock-upstream | hash-key."""
+"""The command line: usage-proxy serve | mock-upstream | hash-key | continue."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
 import socket
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -21,6 +25,7 @@ from proxy.orgfile import load_orgs
 from proxy.settings import Settings, load_settings
 
 DEFAULT_CONFIG = Path("config/proxy.toml")
+DEFAULT_URL = "http://127.0.0.1:8787"
 DEMO_UPSTREAM_KEY = "sk-demo-upstream-key"
 
 
@@ -54,6 +59,20 @@ def main(argv: list[str] | None = None) -> int:
     hashing = commands.add_parser("hash-key", help="print the SHA-256 of a key for orgs.toml")
     hashing.add_argument("key")
 
+    cont = commands.add_parser(
+        "continue", help="opt in to extra usage until your blocked window resets"
+    )
+    cont.add_argument(
+        "--key",
+        default=os.environ.get("ANTHROPIC_API_KEY"),
+        help="your usage-proxy key (default: $ANTHROPIC_API_KEY)",
+    )
+    cont.add_argument(
+        "--url",
+        default=os.environ.get("ANTHROPIC_BASE_URL", DEFAULT_URL),
+        help=f"the proxy (default: $ANTHROPIC_BASE_URL or {DEFAULT_URL})",
+    )
+
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
@@ -70,10 +89,35 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "hash-key":
             print(hash_key(args.key))
             return 0
+        if args.command == "continue":
+            return _continue(args.url, args.key)
     except ConfigError as exc:
         print(f"usage-proxy: config error: {exc}", file=sys.stderr)
         return 2
     return 2
+
+
+def _continue(url: str, key: str | None) -> int:
+    """POST /v1/extra-usage/continue with the member's key; print what the proxy said."""
+    if not key:
+        print("usage-proxy: --key is required (or set ANTHROPIC_API_KEY)", file=sys.stderr)
+        return 2
+    request = urllib.request.Request(
+        url.rstrip("/") + "/v1/extra-usage/continue",
+        method="POST",
+        data=b"",
+        headers={"x-api-key": key},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            print(json.loads(response.read())["message"])
+            return 0
+    except urllib.error.HTTPError as exc:
+        print(json.loads(exc.read())["error"]["message"], file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"usage-proxy: cannot reach {url}: {exc}", file=sys.stderr)
+        return 1
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -79,6 +79,7 @@ async def test_other_v1_paths_are_forwarded_faithfully(proxy: TestServer) -> Non
     # the member's key is replaced by the upstream key, and never forwarded
     assert sent["x-api-key"] == UPSTREAM_KEY
     assert "authorization" not in sent
+    assert "x-extra-usage" not in sent  # the proxy's own header stays here
     assert ALICE_KEY not in json.dumps(echo)
 
 

@@ -422,6 +422,10 @@ def _request_record(row: aiosqlite.Row) -> RequestRecord:
         cost_nanos=row["cost_nanos"],
         upstream_status=row["upstream_status"],
         outcome=row["outcome"],
+        billing=row["billing"],
+        included_nanos=row["included_nanos"],
+        extra_nanos=row["extra_nanos"],
+        overrun_nanos=row["overrun_nanos"],
     )
 
 

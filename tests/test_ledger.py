@@ -1,0 +1,168 @@
+"""Pure rules of included quota: windows, admission, split. Table-driven, no I/O."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.ledger import (
+    EXTRA,
+    INCLUDED,
+    SESSION,
+    WEEKLY,
+    Admitted,
+    Blocked,
+    MemberState,
+    Split,
+    Window,
+    admit,
+    current_windows,
+    split_charge,
+    with_limits,
+)
+from proxy.settings import Tier
+
+HOUR_S = 3600
+START_S = 1_000_000.0
+TIER = Tier("standard", session_included_nanos=5_000_000_000, weekly_included_nanos=40_000_000_000)
+SESSION_ONLY = Tier("standard", session_included_nanos=5_000_000_000)
+WORST_CASE = Tier("standard", session_included_nanos=5_000_000_000, included_admission="worst_case")
+
+ASK = MemberState(extra_usage_enabled=True, consent="ask", consent_until_s=None)
+OFF = MemberState(extra_usage_enabled=False, consent="ask", consent_until_s=None)
+ALWAYS = MemberState(extra_usage_enabled=True, consent="always", consent_until_s=None)
+
+
+def session(used_nanos: int = 0, reserved_nanos: int = 0, started_s: float = START_S) -> Window:
+    return Window(
+        SESSION, started_s, started_s + 5 * HOUR_S, 5_000_000_000, used_nanos, reserved_nanos
+    )
+
+
+@pytest.mark.parametrize(
+    ("offset_s", "reopened"),
+    [(5 * HOUR_S - 1, False), (5 * HOUR_S, True), (5 * HOUR_S + 1, True), (0, False)],
+    ids=["reset-1s", "reset", "reset+1s", "start"],
+)
+def test_session_window_closes_exactly_at_its_reset(offset_s: int, reopened: bool) -> None:
+    stored = {SESSION: session(used_nanos=4_000_000_000)}
+    windows = current_windows(SESSION_ONLY, stored, START_S + offset_s)
+    window = windows.by_kind[SESSION]
+    assert (SESSION in windows.opened) is reopened
+    if reopened:
+        assert window.started_at_s == START_S + offset_s
+        assert window.ends_at_s == START_S + offset_s + 5 * HOUR_S
+        assert window.used_nanos == 0
+    else:
+        assert window.started_at_s == START_S and window.used_nanos == 4_000_000_000
+
+
+def test_first_request_opens_session_and_weekly_windows() -> None:
+    windows = current_windows(TIER, {}, START_S)
+    assert windows.opened == (SESSION, WEEKLY)
+    assert windows.by_kind[WEEKLY].ends_at_s == START_S + 7 * 24 * HOUR_S
+    assert windows.by_kind[WEEKLY].limit_nanos == 40_000_000_000
+
+
+def test_a_clock_moved_backwards_keeps_the_window_and_says_so() -> None:
+    windows = current_windows(SESSION_ONLY, {SESSION: session(1)}, START_S - 600)
+    assert windows.clock_went_back
+    assert windows.opened == ()
+    assert windows.by_kind[SESSION].started_at_s == START_S
+
+
+def test_tier_limit_of_today_applies_to_stored_windows() -> None:
+    bigger = Tier("standard", session_included_nanos=9_000_000_000)
+    assert with_limits(bigger, {SESSION: session()}).by_kind[SESSION].limit_nanos == 9_000_000_000
+
+
+NOW_S = START_S + 60
+
+
+@pytest.mark.parametrize(
+    ("tier", "window", "member", "continue_requested", "expected"),
+    [
+        # any_remaining: admitted while anything is left, even when the worst case won't fit
+        (SESSION_ONLY, session(4_999_999_999), OFF, False, Admitted(INCLUDED, 10**9)),
+        (SESSION_ONLY, session(5_000_000_000), OFF, False, "blocked session disabled"),
+        (SESSION_ONLY, session(5_000_000_000), ASK, False, "blocked session available"),
+        (SESSION_ONLY, session(6_000_000_000), OFF, True, "blocked extra_usage_disabled disabled"),
+        (SESSION_ONLY, session(5_000_000_000), ALWAYS, False, Admitted(EXTRA, 0)),
+        (
+            SESSION_ONLY,
+            session(5_000_000_000),
+            ASK,
+            True,
+            Admitted(EXTRA, 0, consent_until_s=START_S + 5 * HOUR_S),
+        ),
+        # a header asking to continue while quota remains changes nothing
+        (SESSION_ONLY, session(0), OFF, True, Admitted(INCLUDED, 10**9)),
+        # worst_case: the worst case must fit beside what is in flight
+        (WORST_CASE, session(4_000_000_000), OFF, False, Admitted(INCLUDED, 10**9)),
+        (
+            WORST_CASE,
+            session(4_000_000_000, reserved_nanos=1),
+            OFF,
+            False,
+            "blocked session disabled",
+        ),
+    ],
+)
+def test_admission(
+    tier: Tier, window: Window, member: MemberState, continue_requested: bool, expected: object
+) -> None:
+    windows = current_windows(tier, {SESSION: window}, NOW_S)
+    decision = admit(
+        windows, tier, 10**9, member, continue_requested=continue_requested, now_s=NOW_S
+    )
+    if isinstance(expected, str):
+        assert isinstance(decision, Blocked)
+        assert f"blocked {decision.limit} {decision.extra_usage}" == expected
+    else:
+        assert decision == expected
+
+
+def test_consent_lasts_until_the_blocking_window_resets() -> None:
+    member = MemberState(True, "ask", consent_until_s=START_S + 5 * HOUR_S)
+    windows = current_windows(SESSION_ONLY, {SESSION: session(5_000_000_000)}, NOW_S)
+    assert admit(
+        windows, SESSION_ONLY, 1, member, continue_requested=False, now_s=NOW_S
+    ) == Admitted(EXTRA, 0)
+    assert not member.has_continued(START_S + 5 * HOUR_S)
+
+
+def test_when_both_windows_block_the_weekly_one_is_named() -> None:
+    stored = {
+        SESSION: session(5_000_000_000),
+        WEEKLY: Window(WEEKLY, START_S, START_S + 7 * 24 * HOUR_S, 0, 40_000_000_000),
+    }
+    decision = admit(
+        current_windows(TIER, stored, NOW_S), TIER, 1, ASK, continue_requested=False, now_s=NOW_S
+    )
+    assert isinstance(decision, Blocked) and decision.limit == WEEKLY
+
+
+@pytest.mark.parametrize(
+    ("used_nanos", "cost_nanos", "billing", "expected"),
+    [
+        (0, 1_000, INCLUDED, Split(1_000, 0, 0)),
+        (4_999_999_000, 3_000, INCLUDED, Split(1_000, 0, 2_000)),  # the crossing request
+        (4_999_999_000, 3_000, EXTRA, Split(1_000, 2_000, 0)),  # included first, then extra
+        (5_000_000_000, 3_000, EXTRA, Split(0, 3_000, 0)),
+        (6_000_000_000, 3_000, INCLUDED, Split(0, 0, 3_000)),
+        (0, 0, INCLUDED, Split(0, 0, 0)),
+    ],
+)
+def test_split_charge_included_first(
+    used_nanos: int, cost_nanos: int, billing: str, expected: Split
+) -> None:
+    windows = current_windows(SESSION_ONLY, {SESSION: session(used_nanos)}, NOW_S)
+    assert split_charge(cost_nanos, windows, billing) == expected
+
+
+def test_split_uses_the_tighter_of_session_and_weekly() -> None:
+    stored = {
+        SESSION: session(0),
+        WEEKLY: Window(WEEKLY, START_S, START_S + 7 * 24 * HOUR_S, 0, 39_999_999_500),
+    }
+    windows = current_windows(TIER, stored, NOW_S)
+    assert split_charge(2_000, windows, INCLUDED) == Split(500, 0, 1_500)
