@@ -1,0 +1,141 @@
+"""The Store contract: every backend must pass this suite (SQLite always; PostgreSQL joins here)."""
+
+from __future__ import annotations
+
+import asyncio
+import tomllib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from proxy.auth import hash_key
+from proxy.ledger import EXTRA, INCLUDED, Admitted, Blocked
+from proxy.metering import Usage
+from proxy.orgfile import parse_orgs
+from proxy.settings import Plans
+from proxy.store import open_store
+from proxy.store.base import AdmissionRequest, Settlement, Store
+from tests.conftest import ALICE_KEY, DEFAULT_ORGS
+
+PLANS = Plans.from_mapping(
+    {"tiers": {"standard": {"session_included_usd": 0.01, "included_admission": "worst_case"}}},
+    "plans.toml",
+)
+TIERS = PLANS.tiers
+NOW_S = 1_767_225_600.0
+
+
+@pytest.fixture(params=["sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    store = await open_store(f"sqlite:///{tmp_path / 'contract.db'}")
+    await store.apply_orgs(parse_orgs(tomllib.loads(DEFAULT_ORGS), "orgs.toml", PLANS), NOW_S)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def alice(store: Store) -> int:
+    seat = await store.find_seat(hash_key(ALICE_KEY))
+    assert seat is not None
+    return seat.member_id
+
+
+def asking(
+    member_id: int,
+    request_id: str,
+    worst_case_nanos: int,
+    *,
+    now_s: float = NOW_S,
+    continue_requested: bool = False,
+) -> AdmissionRequest:
+    return AdmissionRequest(
+        request_id=request_id,
+        member_id=member_id,
+        org_id="acme",
+        model="claude-sonnet-4-5",
+        stream=False,
+        worst_case_nanos=worst_case_nanos,
+        continue_requested=continue_requested,
+        created_at_s=now_s,
+        expires_at_s=now_s + 900,
+    )
+
+
+def settling(request_id: str, cost_nanos: int) -> Settlement:
+    return Settlement(
+        request_id=request_id,
+        usage=Usage(input_tokens=1),
+        cost_nanos=cost_nanos,
+        upstream_status=200,
+        outcome="ok",
+        settled_at_s=NOW_S + 1,
+        upstream_ms=1.0,
+        duration_ms=2.0,
+    )
+
+
+async def test_admit_then_settle_posts_once(store: Store) -> None:
+    member_id = await alice(store)
+    admission = await store.admit(asking(member_id, "r1", 1_000_000), TIERS)
+    assert admission.decision == Admitted(INCLUDED, 1_000_000)
+    assert (await store.get_request("r1")).status == "pending"
+    assert await store.settle(settling("r1", 3_000_000), TIERS) is True
+    assert await store.settle(settling("r1", 3_000_000), TIERS) is False  # idempotent
+    record = await store.get_request("r1")
+    assert (record.status, record.cost_nanos, record.included_nanos) == (
+        "posted",
+        3_000_000,
+        3_000_000,
+    )
+    status = await store.member_status(member_id, TIERS, NOW_S + 2)
+    window = status.windows.by_kind["session"]
+    assert (window.used_nanos, window.reserved_nanos) == (3_000_000, 0)
+
+
+async def test_concurrent_admissions_never_exceed_a_worst_case_window(store: Store) -> None:
+    member_id = await alice(store)
+    decisions = await asyncio.gather(
+        *(store.admit(asking(member_id, f"c{i}", 3_000_000), TIERS) for i in range(40))
+    )
+    admitted = [d for d in decisions if isinstance(d.decision, Admitted)]
+    assert len(admitted) == 3  # 3 x 3,000,000 <= 10,000,000 < 4 x 3,000,000
+    assert all(isinstance(d.decision, Blocked) for d in decisions if d not in admitted)
+
+
+async def test_expired_reservations_release_the_window_and_cannot_settle(store: Store) -> None:
+    member_id = await alice(store)
+    await store.admit(asking(member_id, "lost", 4_000_000), TIERS)
+    assert await store.expire_pending(NOW_S + 899) == 0
+    assert await store.expire_pending(NOW_S + 900) == 1
+    assert (await store.get_request("lost")).status == "expired"
+    assert await store.settle(settling("lost", 1), TIERS) is False
+    status = await store.member_status(member_id, TIERS, NOW_S + 901)
+    assert status.windows.by_kind["session"].reserved_nanos == 0
+
+
+async def test_continue_records_consent_until_the_window_resets(store: Store) -> None:
+    member_id = await alice(store)
+    await store.admit(asking(member_id, "a", 1), TIERS)
+    await store.settle(settling("a", 20_000_000), TIERS)  # exhausted
+    blocked = await store.admit(asking(member_id, "b", 1, now_s=NOW_S + 5), TIERS)
+    assert isinstance(blocked.decision, Blocked)
+    status = await store.continue_extra_usage(member_id, TIERS, NOW_S + 6)
+    assert status.member.consent_until_s == NOW_S + 5 * 3600
+    again = await store.admit(asking(member_id, "c", 1, now_s=NOW_S + 7), TIERS)
+    assert again.decision == Admitted(EXTRA, 0)
+    await store.settle(settling("c", 5), TIERS)
+    assert (await store.get_request("c")).extra_nanos == 5
+
+
+async def test_revoked_keys_find_no_seat(store: Store) -> None:
+    assert await store.find_seat(hash_key(ALICE_KEY)) is not None
+    assert await store.revoke_key(ALICE_KEY[:12], NOW_S) == 1
+    assert await store.find_seat(hash_key(ALICE_KEY)) is None
+
+
+async def test_secrets_are_made_once_per_database(store: Store) -> None:
+    first = await store.secret("continue_link")
+    assert len(first) == 64
+    assert await store.secret("continue_link") == first
