@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import sys
+import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
@@ -27,6 +28,7 @@ from proxy.settings import Settings, load_settings
 DEFAULT_CONFIG = Path("config/proxy.toml")
 DEFAULT_URL = "http://127.0.0.1:8787"
 DEMO_UPSTREAM_KEY = "sk-demo-upstream-key"
+DEMO_MEMBER_KEY = "sk-demo-alice-0000000000000002"  # alice in config/demo-orgs.toml
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,7 +170,7 @@ def _serve_demo(settings: Settings, config_path: Path) -> int:
         orgs_file=orgs_file,
         demo=True,
     )
-    orgs = load_orgs(orgs_file, settings.plans)
+    load_orgs(orgs_file, settings.plans)  # fail fast on a broken demo file
     app = create_app(settings, clock=OffsetClock())
 
     async def mock_ctx(_: web.Application) -> AsyncIterator[None]:
@@ -183,17 +185,19 @@ def _serve_demo(settings: Settings, config_path: Path) -> int:
     def banner(_: str) -> None:
         print(f"usage-proxy demo on {public_url} (mock upstream {mock_url}; nothing real is spent)")
         print(f"store: {settings.store.url}")
-        for org in orgs:
-            print(f"org {org.id!r} ({org.plan}):")
-            for member in org.members:
-                keys = ", ".join(_demo_keys(orgs_file, member.email)) or "(hash only)"
-                print(f"  {member.email:<20} {member.role:<14} {member.tier:<9} key: {keys}")
-        first_key = next(iter(_demo_keys(orgs_file, orgs[0].members[1].email)), "<key>")
+        # demo-orgs.toml holds its keys in the clear on purpose: print them for the try-out
+        for org in tomllib.loads(orgs_file.read_text())["orgs"]:
+            print(f"org {org['id']!r} ({org['plan']}):")
+            for m in org["members"]:
+                print(f"  {m['email']:<20} {m['role']:<14} {m['tier']:<9} key: {m['key']}")
         print("\nPoint Claude Code at it:")
         print(f"  export ANTHROPIC_BASE_URL={public_url}")
-        print(f"  export ANTHROPIC_API_KEY={first_key}")
+        print(f"  export ANTHROPIC_API_KEY={DEMO_MEMBER_KEY}")
         print("  export CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1")
         print("  claude")
+        print(
+            f"Move the clock: curl -X POST {public_url}/admin/v1/clock -d '{{\"advance_s\": 18000}}'"
+        )
 
     web.run_app(
         app,
@@ -204,18 +208,6 @@ def _serve_demo(settings: Settings, config_path: Path) -> int:
         print=banner,
     )
     return 0
-
-
-def _demo_keys(orgs_file: Path, email: str) -> list[str]:
-    """The plain demo keys of a member (demo-orgs.toml holds them in the clear on purpose)."""
-    import tomllib
-
-    data = tomllib.loads(orgs_file.read_text())
-    for org in data.get("orgs", []):
-        for member in org.get("members", []):
-            if member.get("email") == email and isinstance(member.get("key"), str):
-                return [member["key"]]
-    return []
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def key_from_headers(headers: Mapping[str, str]) -> str | None:
 class KeyCache:
     """Seats by key hash for `ttl_s` seconds, so the hot path needs no store read for auth.
 
-    A revocation made through this process calls `forget`; other replicas see it within `ttl_s`.
+    A revoked key stops working within `ttl_s` (2 s by default) on every replica.
     Misses (unknown keys) are not cached, so a newly issued key works at once.
     """
 
@@ -66,6 +66,3 @@ class KeyCache:
                 self._seats.clear()
             self._seats[digest] = (seat, now_s + self._ttl_s)
         return seat
-
-    def forget_all(self) -> None:
-        self._seats.clear()

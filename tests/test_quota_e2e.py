@@ -45,6 +45,17 @@ async def spend(proxy: TestServer, key: str = ALICE_KEY, times: int = 1, **heade
     return raw
 
 
+async def attempt(proxy: TestServer, headers: dict[str, str]) -> int:
+    """One SDK request: 200 when answered, 429 when refused for quota."""
+    try:
+        await sdk(proxy, **headers).messages.create(
+            model="claude-sonnet-4-5", max_tokens=200, messages=PROMPT
+        )
+        return 200
+    except anthropic.RateLimitError:
+        return 429
+
+
 async def test_exhausted_session_is_refused_once_then_continue_then_reset(small, clock) -> None:
     first = await spend(small)
     assert first.headers["x-usage-session-limit"] == "0.01"
@@ -219,16 +230,9 @@ async def test_concurrent_requests_at_the_edge_never_pass_a_worst_case_tier(star
     )
     proxy = await start_proxy(plans=plans, orgs=ORGS_EXTRA_OFF)
 
-    async def one() -> int:
-        try:  # output = max_tokens, input as the mock counts it: the worst case is met
-            await sdk(
-                proxy, **{"x-mock-output-tokens": "200", "x-mock-delay-ms": "50"}
-            ).messages.create(model="claude-sonnet-4-5", max_tokens=200, messages=PROMPT)
-            return 200
-        except anthropic.RateLimitError:
-            return 429
-
-    statuses = await asyncio.gather(*(one() for _ in range(12)))
+    # output = max_tokens, input as the mock counts it: each request meets its worst case
+    headers = {"x-mock-output-tokens": "200", "x-mock-delay-ms": "50"}
+    statuses = await asyncio.gather(*(attempt(proxy, headers) for _ in range(12)))
     records = await settled(proxy, statuses.count(200))
     shortfall = sum(max(0, r.cost_nanos - r.reserved_nanos) for r in records)
     assert shortfall == 0  # the estimate covered every request here
@@ -243,18 +247,10 @@ async def test_concurrent_requests_with_any_remaining_overshoot_at_most_what_was
     """The documented overshoot: every request admitted before the window ran out finishes."""
     await spend(small)  # $0.006 of $0.01 used
 
-    async def one() -> int:
-        try:
-            await sdk(small, **COST, **{"x-mock-delay-ms": "100"}).messages.create(
-                model="claude-sonnet-4-5", max_tokens=200, messages=PROMPT
-            )
-            return 200
-        except anthropic.RateLimitError:
-            return 429
-
-    first_wave = await asyncio.gather(*(one() for _ in range(5)))
+    headers = {**COST, "x-mock-delay-ms": "100"}
+    first_wave = await asyncio.gather(*(attempt(small, headers) for _ in range(5)))
     assert first_wave == [200] * 5  # all in flight before any settled
-    assert await one() == 429  # the next one sees the window exhausted
+    assert await attempt(small, headers) == 429  # the next one sees the window exhausted
     records = await settled(small, 6)
     assert sum(r.overrun_nanos for r in records) == 6 * COST_NANOS - 10_000_000
 
