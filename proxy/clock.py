@@ -28,8 +28,12 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         if seconds < 0:
-            raise ValueError("a FakeClock only moves forward")
+            raise ValueError("advance() only moves forward; use set_s() to go back")
         self._now_s += seconds
+
+    def set_s(self, now_s: float) -> None:
+        """Put the clock anywhere, backwards too (as a badly set system clock would)."""
+        self._now_s = now_s
 
 
 class OffsetClock:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 ALICE_DEMO_KEY = "sk-demo-alice-0000000000000002"
+UNBUFFERED = {**os.environ, "PYTHONUNBUFFERED": "1"}  # read the banner while the process runs
 
 
 @pytest.fixture
@@ -69,3 +71,31 @@ async def test_demo_serves_the_sdk_and_moves_its_clock(demo: str) -> None:
     )
     assert raw.headers["x-usage-session-reset"] > reset_before  # a new window opened
     assert raw.headers["x-usage-session-remaining"] == raw.headers["x-usage-session-limit"]
+
+
+def test_mock_upstream_command_serves_the_fake_api(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "mock-upstream", "--port", str(port)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert "mock upstream on" in process.stdout.readline()
+        client = anthropic.Anthropic(
+            base_url=f"http://127.0.0.1:{port}", api_key="any", max_retries=0
+        )
+        message = client.messages.create(
+            model="claude-opus-4-8",
+            max_tokens=20,
+            messages=[{"role": "user", "content": "hi"}],
+            extra_headers={"x-mock-output-tokens": "7"},
+        )
+        assert message.usage.output_tokens == 7
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

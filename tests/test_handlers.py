@@ -211,3 +211,14 @@ async def test_canonical_log_line_has_the_request_and_no_secrets(proxy: TestServ
     assert "cost_usd" in line and "duration_ms" in line
     text = json.dumps(logs, default=str)
     assert ALICE_KEY not in text and UPSTREAM_KEY not in text and "Hello there" not in text
+
+
+async def test_upstream_4xx_is_relayed_unchanged_and_costs_nothing(start_proxy, config) -> None:
+    """A proxy holding a wrong upstream key: upstream's 401 comes back as it was sent."""
+    proxy = await start_proxy(upstream='api_key_env = "NO_SUCH_VARIABLE_FOR_THE_KEY"')
+    status, headers, payload = await post_message(proxy)
+    assert status == 401
+    assert error_of(payload)["type"] == "authentication_error"
+    assert headers["request-id"].startswith("req_0")  # upstream's own request id
+    [record] = await proxy.app[STORE].recent_requests(10)
+    assert record.status == "voided" and record.cost_nanos == 0 and record.upstream_status == 401

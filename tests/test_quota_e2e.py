@@ -284,3 +284,13 @@ async def test_usage_headers_on_streams_too(small) -> None:
         assert "x-usage-weekly-limit" not in response.headers
     [record] = await settled(small)
     assert record.billing == "included"
+
+
+async def test_a_clock_moved_backwards_is_ignored_and_logged(small, clock) -> None:
+    first = await spend(small)
+    clock.set_s(clock.now_s() - 600)
+    with capture_logs() as logs:
+        again = await spend(small)
+    assert again.headers["x-usage-session-reset"] == first.headers["x-usage-session-reset"]
+    assert again.headers["x-usage-session-remaining"] == "0.004"
+    assert any(e["event"] == "clock_went_back" for e in logs)
