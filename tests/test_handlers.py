@@ -222,3 +222,13 @@ async def test_upstream_4xx_is_relayed_unchanged_and_costs_nothing(start_proxy, 
     assert headers["request-id"].startswith("req_0")  # upstream's own request id
     [record] = await proxy.app[STORE].recent_requests(10)
     assert record.status == "voided" and record.cost_nanos == 0 and record.upstream_status == 401
+
+
+async def test_a_large_prompt_is_estimated_and_reserved(proxy: TestServer) -> None:
+    """~50,000 tokens of prompt (estimated off the event loop) are in the worst case reserved."""
+    big = {**MESSAGE, "messages": [{"role": "user", "content": "hello world " * 25_000}]}
+    status, _, _ = await post_message(proxy, big)
+    assert status == 200
+    [record] = await proxy.app[STORE].recent_requests(1)
+    worst_output_nanos = 256 * 15_000
+    assert record.reserved_nanos - worst_output_nanos >= 50_000 * 3_000
