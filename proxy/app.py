@@ -67,7 +67,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         app[STORE] = store
         app[KEYS] = KeyCache(store, app[CLOCK], settings.server.key_cache_s)
         links = ContinueLinks(await store.secret("continue_link"), settings.server.public_url)
-        app[BILLING] = Billing(store, app[CLOCK], settings, links)
+        app[BILLING] = Billing(store, app[CLOCK], settings, links, app[TASKS])
         yield
     finally:
         await store.close()

@@ -3,27 +3,69 @@
 from __future__ import annotations
 
 import time
+from typing import Protocol
 
 import structlog
 
 from proxy.clock import Clock
 from proxy.continuation import ContinueLinks
 from proxy.exchange import Exchange
-from proxy.ledger import SESSION, WEEKLY, Admitted, Blocked
+from proxy.ledger import (
+    SESSION,
+    WEEKLY,
+    Admitted,
+    Blocked,
+    ReloadOrder,
+    Unaffordable,
+    headroom_nanos,
+)
 from proxy.metering import Usage
+from proxy.money import format_usd
 from proxy.pricing import PriceTable, cost_nanos, worst_case_nanos
-from proxy.refusals import limit_refusal, window_headers
+from proxy.refusals import limit_refusal, money_refusal, window_headers
 from proxy.settings import Settings
-from proxy.store.base import Admission, AdmissionRequest, MemberStatus, Settlement, Store
+from proxy.store.base import (
+    Admission,
+    AdmissionRequest,
+    IdempotencyConflict,
+    MemberStatus,
+    Purchase,
+    Settlement,
+    Store,
+)
+from proxy.tasks import Tasks
 
 log = structlog.get_logger("proxy.billing")
+
+__all__ = ["Billing", "IdempotencyConflict", "LedgerPayments", "PaymentProvider"]
+
+
+class PaymentProvider(Protocol):
+    async def charge(self, org_id: str, amount_nanos: int, idempotency_key: str) -> bool:
+        """Take payment for prepaid credits; True when paid (retries must be idempotent)."""
+        ...
+
+
+class LedgerPayments:
+    """The default provider: no card is charged; the purchase is recorded in the ledger."""
+
+    async def charge(self, org_id: str, amount_nanos: int, idempotency_key: str) -> bool:
+        return True
 
 
 class Billing:
     def __init__(
-        self, store: Store, clock: Clock, settings: Settings, links: ContinueLinks
+        self,
+        store: Store,
+        clock: Clock,
+        settings: Settings,
+        links: ContinueLinks,
+        tasks: Tasks,
+        payments: PaymentProvider | None = None,
     ) -> None:
         self._store = store
+        self._tasks = tasks
+        self._payments = payments or LedgerPayments()
         self._clock = clock
         self._prices: PriceTable = settings.prices
         self._tiers = settings.plans.tiers
@@ -57,6 +99,8 @@ class Billing:
             if decision.extra_usage == "available":
                 url = self.links.url(ex.seat.member_id, decision.window.ends_at_s)
             raise limit_refusal(decision, seat=ex.seat, now_s=now_s, continue_url=url)
+        if isinstance(decision, Unaffordable):
+            raise money_refusal(decision, seat=ex.seat, funds=admission.funds)
         ex.admitted = True
         ex.billing = decision.billing
         ex.usage_headers = usage_headers(admission, decision)
@@ -81,7 +125,31 @@ class Billing:
             upstream_ms=ex.upstream_ms,
             duration_ms=(time.perf_counter() - ex.started_s) * 1000,
         )
-        await self._store.settle(settlement, self._tiers)
+        settled = await self._store.settle(settlement, self._tiers)
+        if settled is not None and settled.reload is not None:
+            self._tasks.spawn(self._reload(settled.reload), name=f"reload {settled.org_id}")
+
+    async def _reload(self, order: ReloadOrder) -> None:
+        """Buy an auto-reload off the request path; a failure is recorded and logged."""
+        try:
+            paid = await self._payments.charge(
+                order.org_id, order.amount_nanos, order.idempotency_key
+            )
+        except Exception:
+            log.exception("reload_provider_failed", org=order.org_id)
+            paid = False
+        await self._store.finish_reload(order, paid, self._clock.now_s())
+        log.info(
+            "auto_reload" if paid else "auto_reload_failed",
+            org=order.org_id,
+            amount_usd=format_usd(order.amount_nanos),
+        )
+
+    async def purchase(self, org_id: str, amount_nanos: int, idempotency_key: str) -> Purchase:
+        """Owners buy prepaid credits; a replay of the same key returns the first purchase."""
+        return await self._store.purchase(
+            org_id, amount_nanos, idempotency_key, self._clock.now_s()
+        )
 
     async def expire_pending(self) -> int:
         return await self._store.expire_pending(self._clock.now_s())
@@ -99,7 +167,14 @@ def usage_headers(admission: Admission, decision: Admitted) -> dict[str, str]:
         **window_headers(admission.windows.get(SESSION), SESSION),
         **window_headers(admission.windows.get(WEEKLY), WEEKLY),
         "x-usage-billing": decision.billing,
-        # money limits and balances arrive with extra-usage billing; until then it is all or none
-        "x-usage-extra-remaining": "unlimited" if admission.member.extra_usage_enabled else "0",
+        "x-usage-extra-remaining": extra_remaining(admission),
     }
     return headers
+
+
+def extra_remaining(admission: Admission) -> str:
+    """What extra usage can still spend for this member (USD), or "unlimited"."""
+    if not admission.member.extra_usage_enabled:
+        return "0"
+    room_nanos = headroom_nanos(list(admission.funds.accounts))
+    return "unlimited" if room_nanos is None else format_usd(room_nanos)

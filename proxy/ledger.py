@@ -1,9 +1,11 @@
-"""Pure rules of included quota: windows, who pays, admission and the split of a charge. No I/O."""
+"""Pure rules: windows, who pays, admission, money limits and the split of a charge. No I/O."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from datetime import datetime
+from zoneinfo import ZoneInfo
 
 from proxy.settings import Tier
 
@@ -170,3 +172,102 @@ def split_charge(cost_nanos: int, windows: Windows, billing: str) -> Split:
     if billing == EXTRA:
         return Split(included, rest, 0)
     return Split(included, 0, rest)
+
+
+# ---- Extra usage: money limits and the prepaid balance --------------------------------------
+
+ORG_MONTHLY, TIER_MONTHLY, MEMBER_MONTHLY, BALANCE = (
+    "org_monthly",
+    "tier_monthly",
+    "member_monthly",
+    "balance",
+)
+PREPAID_PLANS = frozenset({"team", "max"})  # enterprise is postpaid
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    """A limit or balance that extra usage draws on, as it stands at one instant."""
+
+    name: str  # ORG_MONTHLY | TIER_MONTHLY | MEMBER_MONTHLY | BALANCE
+    limit_nanos: int | None  # None: unlimited (for BALANCE: the balance itself)
+    used_nanos: int = 0  # posted this month (0 for BALANCE: spending lowers the balance)
+    reserved_nanos: int = 0  # worst cases of requests in flight
+
+    @property
+    def headroom_nanos(self) -> int | None:
+        if self.limit_nanos is None:
+            return None
+        return max(0, self.limit_nanos - self.used_nanos - self.reserved_nanos)
+
+
+@dataclass(frozen=True, slots=True)
+class Unaffordable:
+    """Extra usage would pay, but a limit or the balance cannot fit the request's worst case."""
+
+    account: Account
+    worst_case_nanos: int
+
+
+def short_account(accounts: list[Account], amount_nanos: int) -> Account | None:
+    """The account that cannot fit `amount_nanos` (the tightest when several), or None."""
+    short = [
+        a for a in accounts if a.headroom_nanos is not None and a.headroom_nanos < amount_nanos
+    ]
+    return min(short, key=lambda a: a.headroom_nanos or 0) if short else None
+
+
+def headroom_nanos(accounts: list[Account]) -> int | None:
+    """What extra usage can still spend: the tightest account; None when nothing limits it."""
+    rooms = [a.headroom_nanos for a in accounts if a.headroom_nanos is not None]
+    return min(rooms) if rooms else None
+
+
+def extra_to_reserve(
+    decision: Admitted, windows: Windows, worst_case_nanos: int, member: MemberState, now_s: float
+) -> int:
+    """The part of a worst case that extra usage may have to pay (settlement charges included
+    quota first): all of it on extra billing; what included quota cannot cover when the member
+    has continued; nothing otherwise (the excess is then an included overrun)."""
+    if decision.billing == EXTRA:
+        return worst_case_nanos
+    if decision.consent_until_s is not None or member.has_continued(now_s):
+        room_nanos = min((w.remaining_nanos for w in windows.by_kind.values()), default=0)
+        return max(0, worst_case_nanos - room_nanos)
+    return 0
+
+
+def reload_due(balance_before_nanos: int, balance_after_nanos: int, threshold_nanos: int) -> bool:
+    """A settlement that takes the balance from above the threshold to at or below it."""
+    return balance_before_nanos > threshold_nanos >= balance_after_nanos
+
+
+def month_of(at_s: float, timezone: str) -> str:
+    """The calendar month (YYYY-MM) of an instant in the org's time zone."""
+    return datetime.fromtimestamp(at_s, ZoneInfo(timezone)).strftime("%Y-%m")
+
+
+def month_end_s(month: str, timezone: str) -> float:
+    """When a month ends (the next one begins) in the org's time zone."""
+    year, number = (int(part) for part in month.split("-"))
+    year, number = (year + 1, 1) if number == 12 else (year, number + 1)
+    return datetime(year, number, 1, tzinfo=ZoneInfo(timezone)).timestamp()
+
+
+@dataclass(frozen=True, slots=True)
+class ExtraFunds:
+    """What extra usage can draw on for one member this month."""
+
+    month: str
+    prepaid: bool
+    accounts: tuple[Account, ...]
+    timezone: str = "UTC"
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadOrder:
+    """An auto-reload to buy: at most one per crossing of the threshold."""
+
+    org_id: str
+    amount_nanos: int
+    idempotency_key: str

@@ -8,8 +8,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from proxy.auth import hash_key, key_prefix
 from proxy.errors import ConfigError
+from proxy.ledger import PREPAID_PLANS
 from proxy.settings import Plans, TableReader, read_toml
-from proxy.store.base import MemberSpec, OrgSpec
+from proxy.store.base import Limit, MemberSpec, OrgSpec
 
 PLANS = ("team", "enterprise", "max")
 ROLES = ("primary_owner", "owner", "member")
@@ -51,16 +52,32 @@ def _parse_org(t: TableReader, plans: Plans) -> OrgSpec:
         mode, selected = extra, ()
     else:
         raise t.fail("extra_usage", f'must be "off", "all" or a list of emails, got {extra!r}')
-    # Billing keys belong to the billing issue; read them so the file's shape is accepted.
-    for name in (
-        "monthly_spend_limit_usd",
-        "auto_reload",
-        "credits_usd",
-        "tier_limits_usd",
-        "webhook",
-        "reservation",
-    ):
-        t.get(name, (int, float, str, dict), None)
+    prepaid = plan in PREPAID_PLANS
+    reload = t.table("auto_reload")
+    threshold_nanos = reload.usd("threshold_usd", None)
+    amount_nanos = reload.usd("amount_usd", None)
+    reload.done()
+    if (threshold_nanos is None) != (amount_nanos is None):
+        raise t.fail("auto_reload", "needs both threshold_usd and amount_usd")
+    if amount_nanos == 0:
+        raise reload.fail("amount_usd", "must be more than 0")
+    credits_nanos = t.usd("credits_usd", None)
+    monthly_limit = _limit(t, "monthly_spend_limit_usd")
+    if not prepaid and (credits_nanos is not None or amount_nanos is not None):
+        raise t.fail(
+            "credits_usd" if credits_nanos is not None else "auto_reload",
+            f"{plan} is postpaid: no prepaid credits or auto-reload",
+        )
+    tier_table = t.table("tier_limits_usd")
+    tier_limits = {name: _limit(tier_table, name) for name in tier_table.data}
+    tier_table.done()
+    for name in tier_limits:
+        if name not in plans.tiers:
+            raise tier_table.fail(name, f"unknown tier {name!r}")
+    if tier_limits and plan != "enterprise":
+        raise t.fail("tier_limits_usd", "seat-tier limits are for enterprise plans")
+    for name in ("webhook", "reservation"):  # alerts and reservation modes: read, applied later
+        t.get(name, (str, dict), None)
     members = tuple(
         _parse_member(TableReader(raw, t.source, f"{t.path}.members[{i}]"), plans)
         for i, raw in enumerate(t.get("members", list, []))
@@ -70,9 +87,22 @@ def _parse_org(t: TableReader, plans: Plans) -> OrgSpec:
     for email in selected:
         if email not in emails:
             raise t.fail("extra_usage", f"{email!r} is not a member of {org_id!r}")
+    if plan != "enterprise":
+        for i, m in enumerate(members):
+            if m.monthly_limit is not None:
+                raise ConfigError(
+                    t.source,
+                    f"{t.path}.members[{i}].monthly_spend_limit_usd",
+                    "member limits are for enterprise plans",
+                )
     return OrgSpec(
         id=org_id,
         plan=plan,
+        monthly_limit=monthly_limit,
+        reload_threshold_nanos=threshold_nanos,
+        reload_amount_nanos=amount_nanos,
+        credits_nanos=credits_nanos,
+        tier_limits=tier_limits,
         timezone=timezone,
         extra_usage=mode,
         extra_usage_members=selected,
@@ -94,8 +124,8 @@ def _parse_member(t: TableReader, plans: Plans) -> MemberSpec:
     for sha in shas:
         if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
             raise t.fail("key_sha256", "must be 64 lowercase hex digits")
-    t.get("monthly_spend_limit_usd", (int, float, str), None)  # billing issue
     spec = MemberSpec(
+        monthly_limit=_limit(t, "monthly_spend_limit_usd"),
         email=email,
         role=_choice(t, "role", ROLES, "member"),
         tier=tier,
@@ -105,6 +135,14 @@ def _parse_member(t: TableReader, plans: Plans) -> MemberSpec:
     )
     t.done()
     return spec
+
+
+def _limit(t: TableReader, name: str) -> Limit:
+    """A monthly limit: an amount, "unlimited", or None when the file does not say."""
+    if t.data.get(name) == "unlimited":
+        t.get(name, str, None)
+        return "unlimited"
+    return t.usd(name, None)
 
 
 def _choice(t: TableReader, name: str, allowed: tuple[str, ...], default: str | None) -> str:

@@ -7,7 +7,18 @@ from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 from proxy.errors import Refusal
-from proxy.ledger import SESSION, Blocked, Window
+from proxy.ledger import (
+    BALANCE,
+    MEMBER_MONTHLY,
+    ORG_MONTHLY,
+    SESSION,
+    TIER_MONTHLY,
+    Blocked,
+    ExtraFunds,
+    Unaffordable,
+    Window,
+    month_end_s,
+)
 from proxy.money import format_usd
 from proxy.store.base import Seat
 
@@ -116,3 +127,47 @@ def window_headers(window: Window | None, kind: str) -> dict[str, str]:
         f"x-usage-{kind}-remaining": format_usd(window.remaining_nanos),
         f"x-usage-{kind}-reset": rfc3339(window.ends_at_s),
     }
+
+
+MONEY_NAMES = {
+    ORG_MONTHLY: "your organisation's monthly spend limit for extra usage",
+    TIER_MONTHLY: "the monthly extra-usage limit of your seat tier",
+    MEMBER_MONTHLY: "your monthly extra-usage limit",
+}
+
+
+def money_refusal(refused: Unaffordable, *, seat: Seat, funds: ExtraFunds) -> Refusal:
+    """Extra usage would pay, but a limit or the prepaid balance cannot fit the worst case."""
+    account = refused.account
+    left = format_usd(account.headroom_nanos or 0)
+    could = format_usd(refused.worst_case_nanos)
+    details: dict[str, object] = {
+        "limit": account.name,
+        "used_usd": format_usd(account.used_nanos + account.reserved_nanos),
+        "limit_usd": format_usd(account.limit_nanos or 0),
+        "remaining_usd": left,
+        "request_max_usd": could,
+        "error_code": "credits_required",
+    }
+    if account.name == BALANCE:
+        message = (
+            f"The prepaid extra-usage funds of {seat.org_id} have ${left} left and this request "
+            f"could cost up to ${could}. Ask an owner to buy more or turn on auto-reload, or "
+            "lower max_tokens."
+        )
+    else:
+        resets_at_s = month_end_s(funds.month, funds.timezone)
+        details["resets_at"] = rfc3339(resets_at_s)
+        message = (
+            f"{MONEY_NAMES[account.name].capitalize()} has ${left} left and this request could "
+            f"cost up to ${could}. It resets at {reset_phrase(resets_at_s, funds.timezone)}; "
+            f"ask an owner of {seat.org_id} to raise it, or lower max_tokens."
+        )
+    return Refusal(
+        429,
+        "billing_error",
+        message,
+        outcome=f"refused_{account.name}",
+        headers={"x-should-retry": "false"},
+        details=details,
+    )

@@ -31,6 +31,7 @@ id = "acme"
 plan = "team"
 timezone = "UTC"
 extra_usage = "all"
+credits_usd = 100
 
 [[orgs.members]]
 email = "alice@acme.test"

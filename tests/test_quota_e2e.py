@@ -280,7 +280,7 @@ async def test_usage_headers_on_streams_too(small) -> None:
         await response.read()
         assert response.headers["x-usage-billing"] == "included"
         assert response.headers["x-usage-session-limit"] == "0.01"
-        assert response.headers["x-usage-extra-remaining"] == "unlimited"
+        assert response.headers["x-usage-extra-remaining"] == "100"  # the prepaid balance
         assert "x-usage-weekly-limit" not in response.headers
     [record] = await settled(small)
     assert record.billing == "included"

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
 
-from proxy.ledger import Admitted, Blocked, MemberState, Windows
+from proxy.ledger import (
+    Admitted,
+    Blocked,
+    ExtraFunds,
+    MemberState,
+    ReloadOrder,
+    Split,
+    Unaffordable,
+    Windows,
+)
 from proxy.metering import Usage
 from proxy.settings import Tier
 
@@ -43,9 +52,42 @@ class AdmissionRequest:
 class Admission:
     """The outcome of admission and the member's state it was decided on (for headers)."""
 
-    decision: Admitted | Blocked
+    decision: Admitted | Blocked | Unaffordable
     windows: Windows
     member: MemberState
+    funds: ExtraFunds
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """What a settlement did: the split of the charge, and a reload to buy (if one is due)."""
+
+    org_id: str
+    member_id: int
+    split: Split
+    windows_before: Windows
+    reload: ReloadOrder | None
+
+
+@dataclass(frozen=True, slots=True)
+class Purchase:
+    transfer_id: int
+    amount_nanos: int
+    replayed: bool  # the same idempotency key was seen before: nothing new was bought
+
+
+class IdempotencyConflict(Exception):
+    """An idempotency key replayed with a different amount."""
+
+    def __init__(self, key: str, first_amount_nanos: int) -> None:
+        super().__init__(f"idempotency_key {key!r} was used for a different amount")
+        self.first_amount_nanos = first_amount_nanos
+
+
+@dataclass(frozen=True, slots=True)
+class Verification:
+    pending_reservations: int  # still pending past their expiry
+    mismatches: tuple[str, ...]  # balances or month spend that differ from their transfers
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +128,10 @@ class RequestRecord:
     overrun_nanos: int = 0
 
 
+# A monthly limit as a file or request states it: nanos, "unlimited", or None (not stated).
+Limit = int | Literal["unlimited"] | None
+
+
 @dataclass(frozen=True, slots=True)
 class MemberSpec:
     """A member as orgs.toml declares it."""
@@ -96,6 +142,7 @@ class MemberSpec:
     key_sha256s: tuple[str, ...]
     key_prefixes: tuple[str, ...]
     extra_usage_consent: str = "ask"
+    monthly_limit: Limit = None  # enterprise: overrides the tier's
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +155,11 @@ class OrgSpec:
     extra_usage: str  # "off" | "all" | "selected"
     extra_usage_members: tuple[str, ...]
     members: tuple[MemberSpec, ...]
+    monthly_limit: Limit = None
+    reload_threshold_nanos: int | None = None
+    reload_amount_nanos: int | None = None
+    credits_nanos: int | None = None  # the opening prepaid balance, bought once
+    tier_limits: Mapping[str, Limit] = field(default_factory=dict)
 
 
 class Store(Protocol):
@@ -119,10 +171,22 @@ class Store(Protocol):
         """Decide who pays (ledger.admit) and, when admitted, record the pending reservation."""
         ...
 
-    async def settle(self, settlement: Settlement, tiers: Mapping[str, Tier]) -> bool:
+    async def settle(self, settlement: Settlement, tiers: Mapping[str, Tier]) -> Settled | None:
         """Post (or void) a pending request, splitting its cost across included quota, extra
-        usage and overrun; False when it was already settled (idempotent)."""
+        usage and overrun; None when it was already settled (idempotent)."""
         ...
+
+    async def purchase(
+        self, org_id: str, amount_nanos: int, idempotency_key: str, now_s: float
+    ) -> Purchase:
+        """Buy prepaid credits once per idempotency key (IdempotencyConflict on another amount)."""
+        ...
+
+    async def finish_reload(self, order: ReloadOrder, paid: bool, now_s: float) -> None:
+        """Record a reload the payment provider made (or failed to), clearing the pending mark."""
+        ...
+
+    async def verify(self, now_s: float) -> Verification: ...
 
     async def expire_pending(self, now_s: float) -> int:
         """Settle as expired every reservation whose expiry has passed; return how many."""

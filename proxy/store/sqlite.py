@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -19,11 +20,25 @@ import aiosqlite
 
 from proxy import ledger
 from proxy.ledger import (
+    BALANCE,
+    MEMBER_MONTHLY,
+    ORG_MONTHLY,
+    PREPAID_PLANS,
+    TIER_MONTHLY,
+    Account,
     Admitted,
+    Blocked,
+    ExtraFunds,
     MemberState,
+    ReloadOrder,
+    Unaffordable,
     Window,
     Windows,
     current_windows,
+    extra_to_reserve,
+    month_of,
+    reload_due,
+    short_account,
     split_charge,
     with_limits,
 )
@@ -32,11 +47,15 @@ from proxy.settings import Tier
 from proxy.store.base import (
     Admission,
     AdmissionRequest,
+    IdempotencyConflict,
     MemberStatus,
     OrgSpec,
+    Purchase,
     RequestRecord,
     Seat,
+    Settled,
     Settlement,
+    Verification,
 )
 
 
@@ -68,9 +87,8 @@ class SqliteStore:
             for script in scripts:
                 number = int(script.name.split("_", 1)[0])
                 if number > version:
-                    for statement in script.read_text().split(";\n"):
-                        if statement.strip():
-                            await self._conn.execute(statement)
+                    for statement in _statements(script.read_text()):
+                        await self._conn.execute(statement)
                     await self._conn.execute(f"PRAGMA user_version = {number}")
 
     @asynccontextmanager
@@ -98,7 +116,8 @@ class SqliteStore:
         async with self._tx() as db:
             tier, member = await self._member(db, r.member_id, tiers)
             windows = current_windows(tier, await self._windows(db, r.member_id), r.created_at_s)
-            decision = ledger.admit(
+            funds = await self._funds(db, r.member_id, r.created_at_s)
+            decision: Admitted | Blocked | Unaffordable = ledger.admit(
                 windows,
                 tier,
                 r.worst_case_nanos,
@@ -106,6 +125,14 @@ class SqliteStore:
                 continue_requested=r.continue_requested,
                 now_s=r.created_at_s,
             )
+            extra_nanos = 0
+            if isinstance(decision, Admitted):
+                extra_nanos = extra_to_reserve(
+                    decision, windows, r.worst_case_nanos, member, r.created_at_s
+                )
+                short = short_account(list(funds.accounts), extra_nanos) if extra_nanos else None
+                if short is not None:
+                    decision = Unaffordable(short, extra_nanos)
             if isinstance(decision, Admitted):
                 for kind in windows.opened:
                     w = windows.by_kind[kind]
@@ -125,11 +152,19 @@ class SqliteStore:
                         (decision.consent_until_s, r.member_id),
                     )
                     member = replace(member, consent_until_s=decision.consent_until_s)
+                if extra_nanos:
+                    await self._move_spend(db, r.org_id, r.member_id, funds.month, 0, extra_nanos)
+                    if funds.prepaid:
+                        await db.execute(
+                            "UPDATE orgs SET balance_reserved_nanos = balance_reserved_nanos + ? "
+                            "WHERE id = ?",
+                            (extra_nanos, r.org_id),
+                        )
                 await db.execute(
                     """INSERT INTO requests (id, member_id, org_id, model, stream, status, billing,
-                           reserved_nanos, session_started_at_s, weekly_started_at_s,
-                           created_at_s, expires_at_s)
-                       VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?)""",
+                           reserved_nanos, extra_reserved_nanos, month, session_started_at_s,
+                           weekly_started_at_s, created_at_s, expires_at_s)
+                       VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?)""",
                     (
                         r.request_id,
                         r.member_id,
@@ -138,31 +173,43 @@ class SqliteStore:
                         int(r.stream),
                         decision.billing,
                         decision.included_reserved_nanos,
+                        extra_nanos,
+                        funds.month,
                         *_starts(windows),
                         r.created_at_s,
                         r.expires_at_s,
                     ),
                 )
-            return Admission(decision, windows, member)
+            return Admission(decision, windows, member, funds)
 
-    async def settle(self, settlement: Settlement, tiers: Mapping[str, Tier]) -> bool:
+    async def settle(self, settlement: Settlement, tiers: Mapping[str, Tier]) -> Settled | None:
         s = settlement
         usage = s.usage or Usage()
         async with self._tx() as db:
             rows = await (
                 await db.execute(
-                    "SELECT member_id, billing, reserved_nanos, session_started_at_s, "
-                    "weekly_started_at_s FROM requests WHERE id = ? AND status = 'pending'",
+                    "SELECT member_id, org_id, model, billing, reserved_nanos, extra_reserved_nanos, "
+                    "month, session_started_at_s, weekly_started_at_s FROM requests "
+                    "WHERE id = ? AND status = 'pending'",
                     (s.request_id,),
                 )
             ).fetchall()
             if not rows:
-                return False
-            member_id, billing, reserved_nanos, session_start, weekly_start = rows[0]
+                return None
+            (
+                member_id,
+                org_id,
+                model,
+                billing,
+                reserved_nanos,
+                extra_reserved_nanos,
+                month,
+                session_start,
+                weekly_start,
+            ) = rows[0]
             tier, _ = await self._member(db, member_id, tiers)
-            windows = with_limits(
-                tier, await self._windows(db, member_id, (session_start, weekly_start))
-            )
+            stored = await self._windows(db, member_id, (session_start, weekly_start))
+            windows = with_limits(tier, stored)
             split = split_charge(s.cost_nanos, windows, billing)
             await db.execute(
                 "UPDATE windows SET used_nanos = used_nanos + ?, "
@@ -174,6 +221,9 @@ class SqliteStore:
                     session_start,
                     weekly_start,
                 ),
+            )
+            reload = await self._post_extra(
+                db, org_id, member_id, month, model, s, split.extra_nanos, extra_reserved_nanos
             )
             await db.execute(
                 """UPDATE requests SET status = ?, input_tokens = ?, output_tokens = ?,
@@ -205,23 +255,244 @@ class SqliteStore:
                     s.request_id,
                 ),
             )
-            return True
+            return Settled(org_id, member_id, split, windows, reload)
+
+    async def _post_extra(
+        self,
+        db: aiosqlite.Connection,
+        org_id: str,
+        member_id: int,
+        month: str,
+        model: str,
+        s: Settlement,
+        extra_nanos: int,
+        extra_reserved_nanos: int,
+    ) -> ReloadOrder | None:
+        """Replace the extra-usage reservation by the actual extra charge; order a reload when
+        the prepaid balance crosses its threshold (one order per crossing: reload_pending)."""
+        if not extra_nanos and not extra_reserved_nanos:
+            return None
+        await self._move_spend(db, org_id, member_id, month, extra_nanos, -extra_reserved_nanos)
+        within_nanos = min(extra_nanos, extra_reserved_nanos)
+        for kind, amount_nanos in (
+            ("usage_extra", within_nanos),
+            ("estimate_overrun", extra_nanos - within_nanos),
+        ):
+            if amount_nanos:
+                await db.execute(
+                    "INSERT INTO transfers (org_id, member_id, kind, amount_nanos, month, "
+                    "request_id, model, created_at_s) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        org_id,
+                        member_id,
+                        kind,
+                        -amount_nanos,
+                        month,
+                        s.request_id,
+                        model,
+                        s.settled_at_s,
+                    ),
+                )
+        org = await (
+            await db.execute(
+                "SELECT plan, balance_nanos, reload_threshold_nanos, reload_amount_nanos, "
+                "reload_pending, monthly_limit_nanos FROM orgs WHERE id = ?",
+                (org_id,),
+            )
+        ).fetchone()
+        plan, balance_nanos, threshold_nanos, amount_nanos, pending, limit_nanos = org
+        if plan not in PREPAID_PLANS:
+            return None
+        after_nanos = balance_nanos - extra_nanos
+        await db.execute(
+            "UPDATE orgs SET balance_nanos = ?, balance_reserved_nanos = "
+            "balance_reserved_nanos - ? WHERE id = ?",
+            (after_nanos, extra_reserved_nanos, org_id),
+        )
+        if threshold_nanos is None or not amount_nanos or pending:
+            return None
+        if not reload_due(balance_nanos, after_nanos, threshold_nanos):
+            return None
+        if limit_nanos is not None:
+            # never reload beyond the monthly spend limit: reloads this month stay within it
+            reloaded = await (
+                await db.execute(
+                    "SELECT COALESCE(SUM(amount_nanos), 0) FROM transfers "
+                    "WHERE org_id = ? AND month = ? AND kind = 'reload'",
+                    (org_id, month),
+                )
+            ).fetchone()
+            if reloaded[0] + amount_nanos > limit_nanos:
+                return None
+        await db.execute("UPDATE orgs SET reload_pending = 1 WHERE id = ?", (org_id,))
+        return ReloadOrder(org_id, amount_nanos, f"reload:{s.request_id}")
+
+    async def _move_spend(
+        self,
+        db: aiosqlite.Connection,
+        org_id: str,
+        member_id: int,
+        month: str,
+        posted_nanos: int,
+        reserved_nanos: int,
+    ) -> None:
+        """Add to month-to-date extra usage of the org (member 0) and of the member."""
+        for who in (0, member_id):
+            await db.execute(
+                "INSERT INTO spend (org_id, member_id, month, posted_nanos, reserved_nanos) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (org_id, member_id, month) DO UPDATE SET "
+                "posted_nanos = posted_nanos + excluded.posted_nanos, "
+                "reserved_nanos = reserved_nanos + excluded.reserved_nanos",
+                (org_id, who, month, posted_nanos, reserved_nanos),
+            )
+
+    async def _funds(self, db: aiosqlite.Connection, member_id: int, now_s: float) -> ExtraFunds:
+        """The accounts extra usage draws on for this member this month."""
+        row = await (
+            await db.execute(
+                """SELECT o.id, o.plan, o.timezone, o.monthly_limit_nanos, o.balance_nanos,
+                      o.balance_reserved_nanos, m.monthly_limit_nanos, tl.monthly_limit_nanos
+               FROM members m JOIN orgs o ON o.id = m.org_id
+               LEFT JOIN tier_limits tl ON tl.org_id = o.id AND tl.tier = m.tier
+               WHERE m.id = ?""",
+                (member_id,),
+            )
+        ).fetchone()
+        (org_id, plan, timezone, org_limit, balance, balance_reserved, member_limit, tier_limit) = (
+            row
+        )
+        month = month_of(now_s, timezone)
+        spent = {
+            who: (posted, reserved)
+            for who, posted, reserved in await (
+                await db.execute(
+                    "SELECT member_id, posted_nanos, reserved_nanos FROM spend "
+                    "WHERE org_id = ? AND month = ? AND member_id IN (0, ?)",
+                    (org_id, month, member_id),
+                )
+            ).fetchall()
+        }
+        accounts = [Account(ORG_MONTHLY, org_limit, *spent.get(0, (0, 0)))]
+        if plan == "enterprise" and member_limit is not None:
+            accounts.append(Account(MEMBER_MONTHLY, member_limit, *spent.get(member_id, (0, 0))))
+        elif plan == "enterprise" and tier_limit is not None:
+            accounts.append(Account(TIER_MONTHLY, tier_limit, *spent.get(member_id, (0, 0))))
+        prepaid = plan in PREPAID_PLANS
+        if prepaid:
+            accounts.append(Account(BALANCE, balance, 0, balance_reserved))
+        return ExtraFunds(month, prepaid, tuple(accounts), timezone)
+
+    async def purchase(
+        self, org_id: str, amount_nanos: int, idempotency_key: str, now_s: float
+    ) -> Purchase:
+        async with self._tx() as db:
+            return await self._purchase(
+                db, org_id, amount_nanos, idempotency_key, now_s, "purchase"
+            )
+
+    async def _purchase(
+        self,
+        db: aiosqlite.Connection,
+        org_id: str,
+        amount_nanos: int,
+        idempotency_key: str,
+        now_s: float,
+        kind: str,
+    ) -> Purchase:
+        if amount_nanos <= 0:
+            raise ValueError("a purchase must be a positive amount")
+        first = await (
+            await db.execute(
+                "SELECT id, amount_nanos FROM transfers WHERE org_id = ? AND idempotency_key = ?",
+                (org_id, idempotency_key),
+            )
+        ).fetchone()
+        if first is not None:
+            if first[1] != amount_nanos:
+                raise IdempotencyConflict(idempotency_key, first[1])
+            return Purchase(first[0], amount_nanos, replayed=True)
+        timezone = (
+            await (await db.execute("SELECT timezone FROM orgs WHERE id = ?", (org_id,))).fetchone()
+        )[0]
+        cursor = await db.execute(
+            "INSERT INTO transfers (org_id, kind, amount_nanos, month, idempotency_key, "
+            "created_at_s) VALUES (?, ?, ?, ?, ?, ?)",
+            (org_id, kind, amount_nanos, month_of(now_s, timezone), idempotency_key, now_s),
+        )
+        await db.execute(
+            "UPDATE orgs SET balance_nanos = balance_nanos + ? WHERE id = ?", (amount_nanos, org_id)
+        )
+        return Purchase(cursor.lastrowid, amount_nanos, replayed=False)
+
+    async def finish_reload(self, order: ReloadOrder, paid: bool, now_s: float) -> None:
+        async with self._tx() as db:
+            if paid:
+                await self._purchase(
+                    db, order.org_id, order.amount_nanos, order.idempotency_key, now_s, "reload"
+                )
+            await db.execute("UPDATE orgs SET reload_pending = 0 WHERE id = ?", (order.org_id,))
+
+    async def verify(self, now_s: float) -> Verification:
+        """Recompute balances and month spend from transfers; count stale reservations."""
+        rows = await self._read(
+            """SELECT o.id, o.balance_nanos, COALESCE(SUM(t.amount_nanos), 0)
+               FROM orgs o LEFT JOIN transfers t ON t.org_id = o.id
+               WHERE o.plan IN ('team', 'max') GROUP BY o.id"""
+        )
+        mismatches = [
+            f"{org}: balance {stored} != transfers {summed}"
+            for org, stored, summed in rows
+            if stored != summed
+        ]
+        rows = await self._read(
+            """SELECT s.org_id, s.month, s.posted_nanos, COALESCE((SELECT -SUM(amount_nanos)
+                   FROM transfers t WHERE t.org_id = s.org_id AND t.month = s.month
+                   AND t.kind IN ('usage_extra', 'estimate_overrun')), 0)
+               FROM spend s WHERE s.member_id = 0"""
+        )
+        mismatches += [
+            f"{org} {month}: spend {stored} != transfers {summed}"
+            for org, month, stored, summed in rows
+            if stored != summed
+        ]
+        stale = await self._read(
+            "SELECT COUNT(*) FROM requests WHERE status = 'pending' AND expires_at_s <= ?",
+            (now_s,),
+        )
+        return Verification(pending_reservations=stale[0][0], mismatches=tuple(mismatches))
 
     async def expire_pending(self, now_s: float) -> int:
         async with self._tx() as db:
             rows = await (
                 await db.execute(
-                    "SELECT id, member_id, reserved_nanos, session_started_at_s, "
-                    "weekly_started_at_s FROM requests WHERE status = 'pending' AND expires_at_s <= ?",
+                    "SELECT id, member_id, org_id, reserved_nanos, extra_reserved_nanos, month, "
+                    "session_started_at_s, weekly_started_at_s FROM requests "
+                    "WHERE status = 'pending' AND expires_at_s <= ?",
                     (now_s,),
                 )
             ).fetchall()
-            for request_id, member_id, reserved_nanos, session_start, weekly_start in rows:
+            for (
+                request_id,
+                member_id,
+                org_id,
+                reserved_nanos,
+                extra_reserved_nanos,
+                month,
+                session_start,
+                weekly_start,
+            ) in rows:
                 await db.execute(
                     "UPDATE windows SET reserved_nanos = reserved_nanos - ? "
                     "WHERE member_id = ? AND started_at_s IN (?, ?)",
                     (reserved_nanos, member_id, session_start, weekly_start),
                 )
+                if extra_reserved_nanos:
+                    await self._move_spend(db, org_id, member_id, month, 0, -extra_reserved_nanos)
+                    await db.execute(
+                        "UPDATE orgs SET balance_reserved_nanos = balance_reserved_nanos - ? "
+                        "WHERE id = ? AND plan IN ('team', 'max')",
+                        (extra_reserved_nanos, org_id),
+                    )
                 await db.execute(
                     "UPDATE requests SET status = 'expired', outcome = 'expired', "
                     "settled_at_s = ? WHERE id = ?",
@@ -334,15 +605,33 @@ class SqliteStore:
                     "ON CONFLICT (id) DO NOTHING",
                     (org.id, org.plan, org.timezone, now_s),
                 )
-                for column, value in (
+                org_values: list[tuple[str, object]] = [
                     ("plan", org.plan),
                     ("timezone", org.timezone),
                     ("extra_usage", org.extra_usage),
-                ):
+                ]
+                if org.monthly_limit is not None:
+                    org_values.append(("monthly_limit_nanos", _nanos(org.monthly_limit)))
+                if org.reload_amount_nanos is not None:
+                    org_values.append(("reload_threshold_nanos", org.reload_threshold_nanos))
+                    org_values.append(("reload_amount_nanos", org.reload_amount_nanos))
+                for column, value in org_values:
                     if await changed(f"org/{org.id}/{column}", value):
                         await db.execute(
                             f"UPDATE orgs SET {column} = ? WHERE id = ?", (value, org.id)
                         )
+                for tier, limit in org.tier_limits.items():
+                    if await changed(f"org/{org.id}/tier_limits/{tier}", _nanos(limit)):
+                        await db.execute(
+                            "INSERT INTO tier_limits (org_id, tier, monthly_limit_nanos) "
+                            "VALUES (?, ?, ?) ON CONFLICT (org_id, tier) DO UPDATE SET "
+                            "monthly_limit_nanos = excluded.monthly_limit_nanos",
+                            (org.id, tier, _nanos(limit)),
+                        )
+                if org.credits_nanos:  # the opening balance is bought once, ever
+                    await self._purchase(
+                        db, org.id, org.credits_nanos, "orgs.toml/credits_usd", now_s, "purchase"
+                    )
                 for m in org.members:
                     await db.execute(
                         "INSERT INTO members (org_id, email, role, tier, created_at_s) "
@@ -362,6 +651,11 @@ class SqliteStore:
                         ("tier", m.tier),
                         ("extra_usage_consent", m.extra_usage_consent),
                         ("extra_usage_enabled", int(selected)),
+                        *(
+                            [("monthly_limit_nanos", _nanos(m.monthly_limit))]
+                            if m.monthly_limit is not None
+                            else []
+                        ),
                     ):
                         if await changed(f"member/{org.id}/{m.email}/{column}", value):
                             await db.execute(
@@ -432,3 +726,19 @@ def _request_record(row: aiosqlite.Row) -> RequestRecord:
 def _starts(windows: Windows) -> tuple[float | None, float | None]:
     session, weekly = windows.get(ledger.SESSION), windows.get(ledger.WEEKLY)
     return (session.started_at_s if session else None, weekly.started_at_s if weekly else None)
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration into statements (sqlite3 decides where each one is complete)."""
+    statements, buffer = [], ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            statements.append(buffer.strip())
+            buffer = ""
+    return statements
+
+
+def _nanos(limit: int | str | None) -> int | None:
+    """A declared limit as stored: nanos, or NULL for "unlimited"."""
+    return None if limit == "unlimited" else limit  # type: ignore[return-value]

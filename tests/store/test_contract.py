@@ -81,8 +81,8 @@ async def test_admit_then_settle_posts_once(store: Store) -> None:
     admission = await store.admit(asking(member_id, "r1", 1_000_000), TIERS)
     assert admission.decision == Admitted(INCLUDED, 1_000_000)
     assert (await store.get_request("r1")).status == "pending"
-    assert await store.settle(settling("r1", 3_000_000), TIERS) is True
-    assert await store.settle(settling("r1", 3_000_000), TIERS) is False  # idempotent
+    assert await store.settle(settling("r1", 3_000_000), TIERS) is not None
+    assert await store.settle(settling("r1", 3_000_000), TIERS) is None  # idempotent
     record = await store.get_request("r1")
     assert (record.status, record.cost_nanos, record.included_nanos) == (
         "posted",
@@ -110,7 +110,7 @@ async def test_expired_reservations_release_the_window_and_cannot_settle(store: 
     assert await store.expire_pending(NOW_S + 899) == 0
     assert await store.expire_pending(NOW_S + 900) == 1
     assert (await store.get_request("lost")).status == "expired"
-    assert await store.settle(settling("lost", 1), TIERS) is False
+    assert await store.settle(settling("lost", 1), TIERS) is None
     status = await store.member_status(member_id, TIERS, NOW_S + 901)
     assert status.windows.by_kind["session"].reserved_nanos == 0
 
