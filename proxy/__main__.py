@@ -1,8 +1,9 @@
-"""The command line: usage-proxy serve | mock-upstream | hash-key | continue."""
+"""The command line: usage-proxy serve | mock-upstream | hash-key | continue | admin verify."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import json
 import os
@@ -18,12 +19,13 @@ from aiohttp import web
 
 from proxy.app import create_app
 from proxy.auth import hash_key
-from proxy.clock import OffsetClock
+from proxy.clock import OffsetClock, SystemClock
 from proxy.errors import ConfigError
 from proxy.logs import configure_logging
 from proxy.mock_upstream import create_mock_app
 from proxy.orgfile import load_orgs
 from proxy.settings import Settings, load_settings
+from proxy.store import open_store
 
 DEFAULT_CONFIG = Path("config/proxy.toml")
 DEFAULT_URL = "http://127.0.0.1:8787"
@@ -75,6 +77,14 @@ def main(argv: list[str] | None = None) -> int:
         help=f"the proxy (default: $ANTHROPIC_BASE_URL or {DEFAULT_URL})",
     )
 
+    admin = commands.add_parser("admin", help="operator commands")
+    admin_commands = admin.add_subparsers(dest="admin_command", required=True)
+    verify = admin_commands.add_parser(
+        "verify", help="check that every balance equals the sum of its transfers"
+    )
+    verify.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    verify.add_argument("--json", action="store_true", help="print JSON")
+
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
@@ -93,10 +103,37 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "continue":
             return _continue(args.url, args.key)
+        if args.command == "admin" and args.admin_command == "verify":
+            return asyncio.run(_verify(load_settings(args.config), as_json=args.json))
     except ConfigError as exc:
         print(f"usage-proxy: config error: {exc}", file=sys.stderr)
         return 2
     return 2
+
+
+async def _verify(settings: Settings, *, as_json: bool) -> int:
+    """Recompute balances from transfers; exit 0 only when all agree and nothing is stale."""
+    store = await open_store(settings.store.url)
+    try:
+        result = await store.verify(SystemClock().now_s())
+    finally:
+        await store.close()
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "pending_reservations": result.pending_reservations,
+                    "mismatches": len(result.mismatches),
+                    "details": list(result.mismatches),
+                }
+            )
+        )
+    else:
+        print(f"pending_reservations: {result.pending_reservations}")
+        print(f"mismatches: {len(result.mismatches)}")
+        for line in result.mismatches:
+            print(f"  {line}")
+    return 0 if not result.mismatches and not result.pending_reservations else 1
 
 
 def _continue(url: str, key: str | None) -> int:

@@ -8,6 +8,7 @@ Write transactions use BEGIN IMMEDIATE: check-and-act happens under SQLite's wri
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 from collections.abc import AsyncIterator, Mapping
@@ -629,9 +630,15 @@ class SqliteStore:
                             (org.id, tier, _nanos(limit)),
                         )
                 if org.credits_nanos:  # the opening balance is bought once, ever
-                    await self._purchase(
-                        db, org.id, org.credits_nanos, "orgs.toml/credits_usd", now_s, "purchase"
-                    )
+                    with contextlib.suppress(IdempotencyConflict):  # a later change buys nothing
+                        await self._purchase(
+                            db,
+                            org.id,
+                            org.credits_nanos,
+                            "orgs.toml/credits_usd",
+                            now_s,
+                            "purchase",
+                        )
                 for m in org.members:
                     await db.execute(
                         "INSERT INTO members (org_id, email, role, tier, created_at_s) "

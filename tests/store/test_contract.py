@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from proxy.auth import hash_key
-from proxy.ledger import EXTRA, INCLUDED, Admitted, Blocked
+from proxy.ledger import EXTRA, INCLUDED, Admitted, Blocked, Unaffordable
 from proxy.metering import Usage
 from proxy.orgfile import parse_orgs
 from proxy.settings import Plans
 from proxy.store import open_store
-from proxy.store.base import AdmissionRequest, Settlement, Store
+from proxy.store.base import AdmissionRequest, IdempotencyConflict, Settlement, Store
 from tests.conftest import ALICE_KEY, DEFAULT_ORGS
 
 PLANS = Plans.from_mapping(
@@ -27,13 +27,24 @@ NOW_S = 1_767_225_600.0
 
 
 @pytest.fixture(params=["sqlite"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    store = await open_store(f"sqlite:///{tmp_path / 'contract.db'}")
-    await store.apply_orgs(parse_orgs(tomllib.loads(DEFAULT_ORGS), "orgs.toml", PLANS), NOW_S)
-    try:
-        yield store
-    finally:
+async def make_store(request: pytest.FixtureRequest, tmp_path: Path):
+    """Open a fresh store of the parametrized backend with an orgs file applied."""
+    opened: list[Store] = []
+
+    async def make(orgs: str = DEFAULT_ORGS) -> Store:
+        store = await open_store(f"sqlite:///{tmp_path / f'contract{len(opened)}.db'}")
+        opened.append(store)
+        await store.apply_orgs(parse_orgs(tomllib.loads(orgs), "orgs.toml", PLANS), NOW_S)
+        return store
+
+    yield make
+    for store in opened:
         await store.close()
+
+
+@pytest.fixture
+async def store(make_store) -> AsyncIterator[Store]:
+    yield await make_store()
 
 
 async def alice(store: Store) -> int:
@@ -139,3 +150,69 @@ async def test_secrets_are_made_once_per_database(store: Store) -> None:
     first = await store.secret("continue_link")
     assert len(first) == 64
     assert await store.secret("continue_link") == first
+
+
+async def test_purchases_are_idempotent_on_their_key(store: Store) -> None:
+    first = await store.purchase("acme", 5_000_000_000, "buy-1", NOW_S)
+    again = await store.purchase("acme", 5_000_000_000, "buy-1", NOW_S + 1)
+    assert (first.replayed, again.replayed) == (False, True)
+    assert again.transfer_id == first.transfer_id
+    with pytest.raises(IdempotencyConflict):
+        await store.purchase("acme", 6_000_000_000, "buy-1", NOW_S + 2)
+    verification = await store.verify(NOW_S)
+    assert verification.mismatches == ()
+
+
+async def exhaust_session(store: Store, member_id: int) -> None:
+    await store.admit(asking(member_id, "fill", 1), TIERS)
+    await store.settle(settling("fill", 10_000_000), TIERS)
+    await store.continue_extra_usage(member_id, TIERS, NOW_S)
+
+
+async def test_parallel_extra_usage_never_exceeds_the_org_limit_or_balance(make_store) -> None:
+    """200 parallel admissions against limits that fit about 20 worst cases."""
+    store = await make_store(
+        DEFAULT_ORGS.replace(
+            "credits_usd = 100", "credits_usd = 0.05\nmonthly_spend_limit_usd = 0.04"
+        )
+    )
+    member_id = await alice(store)
+    await exhaust_session(store, member_id)
+    admissions = await asyncio.gather(
+        *(
+            store.admit(asking(member_id, f"p{i}", 2_000_000, now_s=NOW_S + 1), TIERS)
+            for i in range(200)
+        )
+    )
+    admitted = [a for a in admissions if isinstance(a.decision, Admitted)]
+    assert len(admitted) == 20  # $0.04 org limit / $0.002 worst case
+    refused = {a.decision.account.name for a in admissions if isinstance(a.decision, Unaffordable)}
+    assert refused == {"org_monthly"}
+    # each request costs more than it reserved: the shortfall is posted as an explicit overrun
+    await asyncio.gather(*(store.settle(settling(f"p{i}", 2_500_000), TIERS) for i in range(200)))
+    verification = await store.verify(NOW_S + 2)
+    assert verification.mismatches == () and verification.pending_reservations == 0
+
+
+async def test_exactly_one_reload_per_crossing_under_concurrent_settlements(make_store) -> None:
+    store = await make_store(
+        DEFAULT_ORGS.replace(
+            "credits_usd = 100",
+            "credits_usd = 0.1\nauto_reload = { threshold_usd = 0.05, amount_usd = 1 }",
+        )
+    )
+    member_id = await alice(store)
+    await exhaust_session(store, member_id)
+    for i in range(30):
+        await store.admit(asking(member_id, f"s{i}", 3_000_000, now_s=NOW_S + 1), TIERS)
+    results = await asyncio.gather(
+        *(store.settle(settling(f"s{i}", 3_000_000), TIERS) for i in range(30))
+    )
+    orders = [r.reload for r in results if r is not None and r.reload is not None]
+    assert len(orders) == 1  # $0.10 - 17 x $0.003 crosses $0.05 once
+    await store.finish_reload(orders[0], True, NOW_S + 3)
+    await store.finish_reload(orders[0], True, NOW_S + 3)  # a retried provider call buys nothing
+    assert (await store.verify(NOW_S + 4)).mismatches == ()
+    funds = (await store.admit(asking(member_id, "after", 1, now_s=NOW_S + 5), TIERS)).funds
+    balance = next(a for a in funds.accounts if a.name == "balance")
+    assert balance.limit_nanos == 100_000_000 - 30 * 3_000_000 + 1_000_000_000
