@@ -5,10 +5,14 @@ from __future__ import annotations
 import pytest
 
 from proxy.ledger import (
+    BALANCE,
     EXTRA,
     INCLUDED,
+    ORG_MONTHLY,
     SESSION,
+    TIER_MONTHLY,
     WEEKLY,
+    Account,
     Admitted,
     Blocked,
     MemberState,
@@ -16,6 +20,11 @@ from proxy.ledger import (
     Window,
     admit,
     current_windows,
+    extra_to_reserve,
+    month_end_s,
+    month_of,
+    reload_due,
+    short_account,
     split_charge,
     with_limits,
 )
@@ -166,3 +175,65 @@ def test_split_uses_the_tighter_of_session_and_weekly() -> None:
     }
     windows = current_windows(TIER, stored, NOW_S)
     assert split_charge(2_000, windows, INCLUDED) == Split(500, 0, 1_500)
+
+
+@pytest.mark.parametrize(
+    ("accounts", "amount_nanos", "short"),
+    [
+        ([Account(ORG_MONTHLY, None)], 10**12, None),  # unlimited
+        ([Account(ORG_MONTHLY, 100, used_nanos=60, reserved_nanos=30)], 10, None),
+        ([Account(ORG_MONTHLY, 100, used_nanos=60, reserved_nanos=30)], 11, ORG_MONTHLY),
+        (
+            [Account(ORG_MONTHLY, 100, 50), Account(TIER_MONTHLY, 40, 35), Account(BALANCE, 1000)],
+            6,
+            TIER_MONTHLY,
+        ),  # the lowest wins
+        ([Account(ORG_MONTHLY, 100, 99), Account(BALANCE, 5)], 6, ORG_MONTHLY),  # the tightest
+    ],
+)
+def test_short_account_names_the_tightest(accounts, amount_nanos: int, short: str | None) -> None:
+    found = short_account(accounts, amount_nanos)
+    assert (found.name if found else None) == short
+
+
+@pytest.mark.parametrize(
+    ("window_used_nanos", "member", "billing", "expected_nanos"),
+    [
+        (0, ASK, INCLUDED, 0),  # included pays; not continued: any excess is an overrun
+        (4_900_000_000, ALWAYS, INCLUDED, 900_000_000),  # what included cannot cover
+        (0, ALWAYS, INCLUDED, 0),
+        (5_000_000_000, ALWAYS, EXTRA, 10**9),  # all of it on extra billing
+    ],
+)
+def test_extra_to_reserve(
+    window_used_nanos: int, member: MemberState, billing: str, expected_nanos: int
+) -> None:
+    windows = current_windows(SESSION_ONLY, {SESSION: session(window_used_nanos)}, NOW_S)
+    decision = Admitted(billing, 0)
+    assert extra_to_reserve(decision, windows, 10**9, member, NOW_S) == expected_nanos
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "due"),
+    [(11, 10, True), (10, 9, False), (11, 11, False), (50, -5, True), (9, 20, False)],
+)
+def test_reload_is_due_once_per_crossing(before: int, after: int, due: bool) -> None:
+    assert reload_due(before, after, threshold_nanos=10) is due
+
+
+@pytest.mark.parametrize(
+    ("at_s", "timezone", "month"),
+    [
+        (1_769_900_399.0, "Europe/Rome", "2026-01"),  # 23:59:59 on 31 Jan in Rome
+        (1_769_900_400.0, "Europe/Rome", "2026-02"),
+        (1_769_900_400.0, "UTC", "2026-01"),  # still 23:00 on 31 Jan in UTC
+        (1_767_225_600.0, "America/New_York", "2025-12"),
+    ],
+)
+def test_months_are_calendar_months_in_the_org_zone(at_s: float, timezone: str, month: str) -> None:
+    assert month_of(at_s, timezone) == month
+
+
+def test_month_end_is_the_next_month_start_in_the_org_zone() -> None:
+    assert month_end_s("2026-01", "Europe/Rome") == 1_769_900_400.0
+    assert month_end_s("2025-12", "UTC") == 1_767_225_600.0

@@ -85,6 +85,19 @@ class IdempotencyConflict(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class Transfer:
+    """One immutable ledger entry: + credits bought, - extra usage spent."""
+
+    kind: str  # purchase | reload | adjustment | usage_extra | estimate_overrun
+    amount_nanos: int
+    month: str
+    member_id: int | None
+    request_id: str | None
+    model: str | None
+    created_at_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class Verification:
     pending_reservations: int  # still pending past their expiry
     mismatches: tuple[str, ...]  # balances or month spend that differ from their transfers
@@ -187,6 +200,8 @@ class Store(Protocol):
         ...
 
     async def verify(self, now_s: float) -> Verification: ...
+
+    async def list_transfers(self, org_id: str, month: str | None = None) -> list[Transfer]: ...
 
     async def expire_pending(self, now_s: float) -> int:
         """Settle as expired every reservation whose expiry has passed; return how many."""

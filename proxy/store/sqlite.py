@@ -56,6 +56,7 @@ from proxy.store.base import (
     Seat,
     Settled,
     Settlement,
+    Transfer,
     Verification,
 )
 
@@ -461,6 +462,14 @@ class SqliteStore:
             (now_s,),
         )
         return Verification(pending_reservations=stale[0][0], mismatches=tuple(mismatches))
+
+    async def list_transfers(self, org_id: str, month: str | None = None) -> list[Transfer]:
+        rows = await self._read(
+            "SELECT kind, amount_nanos, month, member_id, request_id, model, created_at_s "
+            "FROM transfers WHERE org_id = ? AND (? IS NULL OR month = ?) ORDER BY id",
+            (org_id, month, month),
+        )
+        return [Transfer(*row) for row in rows]
 
     async def expire_pending(self, now_s: float) -> int:
         async with self._tx() as db:

@@ -1,0 +1,208 @@
+"""Extra usage end to end, one scenario per plan, as the seed documents describe them."""
+
+from __future__ import annotations
+
+import asyncio
+
+import anthropic
+import pytest
+from aiohttp.test_utils import TestServer
+
+from proxy.appkeys import STORE
+from tests.conftest import ALICE_KEY, BOB_KEY
+from tests.test_e2e_sdk import PROMPT, sdk, settled
+
+# A session of $0.001: the first request of a window crosses it, the next one is refused.
+TINY_PLANS = """
+[tiers.standard]
+session_included_usd = 0.001
+[tiers.premium]
+session_included_usd = 0.001
+"""
+# ~$0.003 a request: 200 output tokens of Sonnet 4.5 plus a few input tokens.
+OUTPUT = {"x-mock-output-tokens": "200"}
+
+
+def org(plan: str, settings: str, *, alice: str = "", bob: str = "") -> str:
+    return f"""
+[[orgs]]
+id = "acme"
+plan = "{plan}"
+timezone = "Europe/Rome"
+{settings}
+
+[[orgs.members]]
+email = "alice@acme.test"
+role = "owner"
+tier = "standard"
+key = "{ALICE_KEY}"
+extra_usage_consent = "always"
+{alice}
+
+[[orgs.members]]
+email = "bob@acme.test"
+role = "member"
+tier = "premium"
+key = "{BOB_KEY}"
+extra_usage_consent = "always"
+{bob}
+"""
+
+
+async def ask(proxy: TestServer, key: str = ALICE_KEY, **headers: str):
+    """One request; the raw response, or the API error it raised."""
+    try:
+        return await sdk(proxy, key, **OUTPUT, **headers).messages.with_raw_response.create(
+            model="claude-sonnet-4-5", max_tokens=200, messages=PROMPT
+        )
+    except anthropic.APIStatusError as exc:
+        return exc
+
+
+async def until_refused(proxy: TestServer, key: str = ALICE_KEY, most: int = 40):
+    """Spend until a request is refused; return the refusal and how many went through."""
+    for count in range(most):
+        answer = await ask(proxy, key)
+        await settled(proxy, 1)
+        await asyncio.sleep(0.02)  # let an auto-reload (off the request path) land
+        if isinstance(answer, anthropic.APIStatusError):
+            return answer, count
+    raise AssertionError("never refused")
+
+
+async def transfers(proxy: TestServer, kind: str) -> list[int]:
+    return [t.amount_nanos for t in await proxy.app[STORE].list_transfers("acme") if t.kind == kind]
+
+
+async def spent_nanos(proxy: TestServer) -> int:
+    return -sum(await transfers(proxy, "usage_extra")) - sum(
+        await transfers(proxy, "estimate_overrun")
+    )
+
+
+async def assert_ledger_holds(proxy: TestServer, clock) -> None:
+    verification = await proxy.app[STORE].verify(clock.now_s())
+    assert verification.mismatches == ()
+
+
+async def test_team_prepaid_auto_reload_org_limit_and_selected_members(start_proxy, clock):
+    proxy = await start_proxy(
+        plans=TINY_PLANS,
+        orgs=org(
+            "team",
+            """
+extra_usage = ["alice@acme.test"]
+monthly_spend_limit_usd = 0.03
+credits_usd = 0.02
+auto_reload = { threshold_usd = 0.01, amount_usd = 0.02 }
+""",
+        ),
+    )
+    # bob was not selected for extra usage: his window's refusal says to ask an owner
+    await ask(proxy, BOB_KEY)
+    refusal = await ask(proxy, BOB_KEY)
+    assert refusal.response.json()["error"]["details"]["extra_usage"] == "disabled"
+
+    refusal, count = await until_refused(proxy)
+    error = refusal.response.json()["error"]
+    assert refusal.status_code == 429 and error["type"] == "billing_error"
+    assert error["details"]["limit"] == "org_monthly"
+    assert error["details"]["error_code"] == "credits_required"
+    assert "left" in error["message"] and "could cost up to" in error["message"]
+    assert "Europe/Rome" in error["message"]  # the month resets in the org's zone
+    assert count > 5
+    # the balance crossed $0.01 once: exactly one reload, and never beyond the $0.03 limit
+    assert await transfers(proxy, "reload") == [20_000_000]
+    assert await spent_nanos(proxy) <= 30_000_000
+    await assert_ledger_holds(proxy, clock)
+
+
+async def test_team_balance_runs_out_without_auto_reload(start_proxy, clock):
+    proxy = await start_proxy(
+        plans=TINY_PLANS,
+        orgs=org(
+            "team",
+            """
+extra_usage = "all"
+credits_usd = 0.01
+""",
+        ),
+    )
+    refusal, _ = await until_refused(proxy)
+    error = refusal.response.json()["error"]
+    assert error["details"]["limit"] == "balance"
+    assert "credit balance is too low" not in error["message"]
+    assert await spent_nanos(proxy) <= 10_000_000
+    await assert_ledger_holds(proxy, clock)
+
+
+async def test_enterprise_postpaid_org_tier_and_member_limits_lowest_wins(start_proxy, clock):
+    proxy = await start_proxy(
+        plans=TINY_PLANS,
+        orgs=org(
+            "enterprise",
+            """
+extra_usage = "all"
+monthly_spend_limit_usd = 0.05
+tier_limits_usd = { standard = 0.01, premium = 0.02 }
+""",
+            bob="monthly_spend_limit_usd = 0.015",
+        ),
+    )
+    refusal, _ = await until_refused(proxy)  # alice: her tier's $0.01
+    assert refusal.response.json()["error"]["details"]["limit"] == "tier_monthly"
+    refusal, _ = await until_refused(proxy, BOB_KEY)  # bob: his own $0.015 beats premium's
+    assert refusal.response.json()["error"]["details"]["limit"] == "member_monthly"
+    assert await transfers(proxy, "purchase") == [] and await transfers(proxy, "reload") == []
+    spent = await spent_nanos(proxy)
+    assert spent <= 10_000_000 + 15_000_000
+    # a new month in the org's time zone: month-to-date limits start again at once
+    clock.set_s(1_769_900_400.0)  # 2026-02-01T00:00:00+01:00 (Europe/Rome)
+    assert not isinstance(await ask(proxy), anthropic.APIStatusError)
+    await assert_ledger_holds(proxy, clock)
+
+
+async def test_max_unlimited_spend_with_auto_reload_and_session_reset(start_proxy, clock):
+    proxy = await start_proxy(
+        plans=TINY_PLANS,
+        orgs=org(
+            "max",
+            """
+extra_usage = "all"
+monthly_spend_limit_usd = "unlimited"
+credits_usd = 0.01
+auto_reload = { threshold_usd = 0.005, amount_usd = 0.01 }
+""",
+        ),
+    )
+    for _ in range(12):  # ~$0.036 of extra usage: the balance is reloaded as it crosses
+        answer = await ask(proxy)
+        assert not isinstance(answer, anthropic.APIStatusError), answer
+        await settled(proxy, 1)
+        await asyncio.sleep(0.02)
+    reloads = await transfers(proxy, "reload")
+    assert len(reloads) >= 2 and set(reloads) == {10_000_000}
+    assert answer.headers["x-usage-billing"] == "extra"
+    clock.advance(5 * 3600)  # the session resets: included quota pays again
+    fresh = await ask(proxy)
+    assert fresh.headers["x-usage-billing"] == "included"
+    await assert_ledger_holds(proxy, clock)
+
+
+@pytest.mark.parametrize("plan", ["team", "max"])
+async def test_org_limit_set_to_unlimited_shows_in_headers(start_proxy, plan: str):
+    proxy = await start_proxy(
+        plans=TINY_PLANS,
+        orgs=org(
+            plan,
+            """
+extra_usage = "all"
+monthly_spend_limit_usd = "unlimited"
+credits_usd = 1
+""",
+        ),
+    )
+    await ask(proxy)
+    answer = await ask(proxy)
+    assert answer.headers["x-usage-billing"] == "extra"
+    assert answer.headers["x-usage-extra-remaining"] == "1"  # the balance is what limits it
