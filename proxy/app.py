@@ -10,9 +10,19 @@ import structlog
 from aiohttp import web
 
 from proxy import handlers, pages
-from proxy.appkeys import BILLING, CLOCK, KEYS, SETTINGS, STORE, TASKS, TOKENS, UPSTREAM
+from proxy.appkeys import (
+    BILLING,
+    CLOCK,
+    KEYS,
+    PAYMENTS,
+    SETTINGS,
+    STORE,
+    TASKS,
+    TOKENS,
+    UPSTREAM,
+)
 from proxy.auth import KeyCache
-from proxy.billing import Billing
+from proxy.billing import Billing, LedgerPayments, PaymentProvider
 from proxy.clock import Clock, SystemClock
 from proxy.continuation import ContinueLinks
 from proxy.errors import bad_request
@@ -30,7 +40,11 @@ log = structlog.get_logger("proxy.app")
 SWEEP_INTERVAL_S = 30.0
 
 
-def create_app(settings: Settings, *, clock: Clock | None = None) -> web.Application:
+def create_app(
+    settings: Settings, *, clock: Clock | None = None, payments: PaymentProvider | None = None
+) -> web.Application:
+    """The proxy, wired: `clock` and `payments` (the provider that buys credits) are seams for
+    tests and deployments; by default the system clock and a ledger-only provider."""
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
         middlewares=[exchange_middleware],
@@ -40,6 +54,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> web.Applica
     app[TOKENS] = TokenCounter()
     app[TASKS] = Tasks()
     app[UPSTREAM] = Upstream(settings.upstream)
+    app[PAYMENTS] = payments or LedgerPayments()
     # Exit runs in reverse: drain tasks (settlements), then close upstream, then the store.
     app.cleanup_ctx.extend([_store_ctx, _upstream_ctx, _tasks_ctx])
 
@@ -67,7 +82,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         app[STORE] = store
         app[KEYS] = KeyCache(store, app[CLOCK], settings.server.key_cache_s)
         links = ContinueLinks(await store.secret("continue_link"), settings.server.public_url)
-        app[BILLING] = Billing(store, app[CLOCK], settings, links, app[TASKS])
+        app[BILLING] = Billing(store, app[CLOCK], settings, links, app[TASKS], app[PAYMENTS])
         yield
     finally:
         await store.close()

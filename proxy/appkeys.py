@@ -17,5 +17,6 @@ BILLING = web.AppKey["Billing"]("billing")
 UPSTREAM = web.AppKey["Upstream"]("upstream")
 TASKS = web.AppKey["Tasks"]("tasks")
 TOKENS = web.AppKey["TokenCounter"]("tokens")
+PAYMENTS = web.AppKey["PaymentProvider"]("payments")
 
 EXCHANGE = web.RequestKey["Exchange"]("exchange")

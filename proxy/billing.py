@@ -61,11 +61,11 @@ class Billing:
         settings: Settings,
         links: ContinueLinks,
         tasks: Tasks,
-        payments: PaymentProvider | None = None,
+        payments: PaymentProvider,
     ) -> None:
         self._store = store
         self._tasks = tasks
-        self._payments = payments or LedgerPayments()
+        self._payments = payments
         self._clock = clock
         self._prices: PriceTable = settings.prices
         self._tiers = settings.plans.tiers

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 from collections.abc import Callable
@@ -13,6 +14,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from proxy.app import create_app
+from proxy.appkeys import STORE
+from proxy.billing import PaymentProvider
 from proxy.clock import FakeClock
 from proxy.mock_upstream import create_mock_app
 from proxy.settings import Settings, load_settings
@@ -109,15 +112,26 @@ async def upstream(aiohttp_server: Callable[..., TestServer]) -> TestServer:
 
 
 @pytest.fixture
-def start_proxy(aiohttp_server, config: ConfigFactory, clock: FakeClock, upstream: TestServer):
-    """Start the real app (create_app) against the mock upstream; returns the TestServer."""
+async def start_proxy(
+    aiohttp_server, config: ConfigFactory, clock: FakeClock, upstream: TestServer
+):
+    """Start the real app (create_app) against the mock upstream; returns the TestServer.
 
-    async def start(**kwargs: object) -> TestServer:
+    After the test, the ledger invariant must hold: every balance and month-to-date figure
+    equals the sum of its transfers."""
+    started: list[TestServer] = []
+
+    async def start(*, payments: PaymentProvider | None = None, **kwargs: object) -> TestServer:
         kwargs.setdefault("upstream_url", str(upstream.make_url("")).rstrip("/"))
-        app: web.Application = create_app(config.settings(**kwargs), clock=clock)
-        return await aiohttp_server(app)  # test servers cancel handlers of gone clients
+        app: web.Application = create_app(config.settings(**kwargs), clock=clock, payments=payments)
+        started.append(await aiohttp_server(app))  # test servers cancel handlers of gone clients
+        return started[-1]
 
-    return start
+    yield start
+    for server in started:
+        await asyncio.sleep(0.05)  # settlements run just after the response
+        verification = await server.app[STORE].verify(clock.now_s())
+        assert verification.mismatches == (), verification.mismatches
 
 
 @pytest.fixture

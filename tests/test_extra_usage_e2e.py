@@ -9,6 +9,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from proxy.appkeys import STORE
+from proxy.mock_upstream import MOCK_STATE_KEY
 from tests.conftest import ALICE_KEY, BOB_KEY
 from tests.test_e2e_sdk import PROMPT, sdk, settled
 
@@ -206,3 +207,97 @@ credits_usd = 1
     answer = await ask(proxy)
     assert answer.headers["x-usage-billing"] == "extra"
     assert answer.headers["x-usage-extra-remaining"] == "1"  # the balance is what limits it
+
+
+class DecliningCard:
+    """A payment provider whose card is declined: reloads fail."""
+
+    def __init__(self) -> None:
+        self.charges = 0
+
+    async def charge(self, org_id: str, amount_nanos: int, idempotency_key: str) -> bool:
+        self.charges += 1
+        return False
+
+
+async def test_reload_provider_failure_is_recorded_and_extra_usage_stops_with_the_balance(
+    start_proxy,
+):
+    card = DecliningCard()
+    proxy = await start_proxy(
+        payments=card,
+        plans=TINY_PLANS,
+        orgs=org(
+            "team",
+            """
+extra_usage = "all"
+credits_usd = 0.02
+auto_reload = { threshold_usd = 0.01, amount_usd = 0.02 }
+""",
+        ),
+    )
+    refusal, _ = await until_refused(proxy)
+    assert refusal.response.json()["error"]["details"]["limit"] == "balance"
+    assert card.charges == 1  # tried once at the crossing, and failed
+    assert await transfers(proxy, "reload") == []
+    assert await spent_nanos(proxy) <= 20_000_000
+
+
+async def test_a_request_whose_worst_case_fits_no_limit_is_never_forwarded(start_proxy, upstream):
+    proxy = await start_proxy(
+        plans=TINY_PLANS,
+        orgs=org(
+            "team",
+            """
+extra_usage = "all"
+credits_usd = 0.01
+""",
+        ),
+    )
+    await ask(proxy)  # crosses the included session
+    forwarded = upstream.app[MOCK_STATE_KEY].messages_total
+    client = sdk(proxy, ALICE_KEY)
+    with pytest.raises(anthropic.RateLimitError) as caught:
+        async with client.messages.stream(
+            model="claude-opus-4-8", max_tokens=64_000, messages=PROMPT
+        ) as stream:
+            await stream.get_final_message()
+    details = caught.value.response.json()["error"]["details"]
+    assert details["limit"] == "balance"
+    assert details["request_max_usd"].startswith("1.600")  # 64,000 x $25/MTok + a few input
+    assert details["remaining_usd"] == "0.01"
+    assert upstream.app[MOCK_STATE_KEY].messages_total == forwarded
+
+
+async def test_200_parallel_requests_from_several_members_hold_the_limit_and_balance(
+    start_proxy, clock
+):
+    """Limits that fit about 20 requests; 200 arrive at once from two members. The balance can
+    cross its threshold only once before the org limit stops spending: exactly one reload."""
+    proxy = await start_proxy(
+        plans=TINY_PLANS,
+        orgs=org(
+            "team",
+            """
+extra_usage = "all"
+monthly_spend_limit_usd = 0.07
+credits_usd = 0.06
+auto_reload = { threshold_usd = 0.02, amount_usd = 0.05 }
+""",
+        ),
+    )
+    await ask(proxy)
+    await ask(proxy, BOB_KEY)  # both sessions crossed: what follows is extra usage
+    answers = await asyncio.gather(
+        *(
+            ask(proxy, key, **{"x-mock-delay-ms": "20"})
+            for key in (ALICE_KEY, BOB_KEY)
+            for _ in range(100)
+        )
+    )
+    ok = [a for a in answers if not isinstance(a, anthropic.APIStatusError)]
+    assert 10 <= len(ok) <= 40
+    await asyncio.sleep(0.2)
+    assert await transfers(proxy, "reload") == [50_000_000]
+    overrun_nanos = -sum(await transfers(proxy, "estimate_overrun"))
+    assert await spent_nanos(proxy) - overrun_nanos <= 70_000_000  # within the org limit
