@@ -85,6 +85,8 @@ class Billing:
                 model=ex.model,
                 stream=ex.stream,
                 worst_case_nanos=ex.reserved_nanos,
+                max_tokens=ex.max_tokens,
+                output_nanos_per_token=ex.price.rates_for(ex.input_tokens_estimate).output_nanos,
                 continue_requested=continue_requested,
                 created_at_s=now_s,
                 expires_at_s=now_s + self._reservation_ttl_s,

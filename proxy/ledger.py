@@ -237,6 +237,21 @@ def extra_to_reserve(
     return 0
 
 
+RECENT_REQUESTS = 20  # how many of a member's requests of a model the expected estimate reads
+
+
+def expected_reservation_nanos(
+    worst_case_nanos: int, max_tokens: int, output_nanos_per_token: int, recent_outputs: list[int]
+) -> int:
+    """`reservation = "expected"`: the worst case with max_tokens of output replaced by the
+    largest output among the member's recent requests of the model (capped at max_tokens). With
+    no history it is the worst case. What a request spends beyond it is an explicit overrun."""
+    if not recent_outputs:
+        return worst_case_nanos
+    expected_output = min(max_tokens, max(recent_outputs))
+    return worst_case_nanos - (max_tokens - expected_output) * output_nanos_per_token
+
+
 def reload_due(balance_before_nanos: int, balance_after_nanos: int, threshold_nanos: int) -> bool:
     """A settlement that takes the balance from above the threshold to at or below it."""
     return balance_before_nanos > threshold_nanos >= balance_after_nanos

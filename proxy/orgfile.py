@@ -76,8 +76,10 @@ def _parse_org(t: TableReader, plans: Plans) -> OrgSpec:
             raise tier_table.fail(name, f"unknown tier {name!r}")
     if tier_limits and plan != "enterprise":
         raise t.fail("tier_limits_usd", "seat-tier limits are for enterprise plans")
-    for name in ("webhook", "reservation"):  # alerts and reservation modes: read, applied later
-        t.get(name, (str, dict), None)
+    reservation = t.get("reservation", str, None)
+    if reservation not in (None, "worst_case", "expected"):
+        raise t.fail("reservation", f'must be "worst_case" or "expected", got {reservation!r}')
+    t.get("webhook", dict, None)  # alerts: read here, applied with the alerts
     members = tuple(
         _parse_member(TableReader(raw, t.source, f"{t.path}.members[{i}]"), plans)
         for i, raw in enumerate(t.get("members", list, []))
@@ -103,6 +105,7 @@ def _parse_org(t: TableReader, plans: Plans) -> OrgSpec:
         reload_amount_nanos=amount_nanos,
         credits_nanos=credits_nanos,
         tier_limits=tier_limits,
+        reservation=reservation,
         timezone=timezone,
         extra_usage=mode,
         extra_usage_members=selected,

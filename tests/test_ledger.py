@@ -20,6 +20,7 @@ from proxy.ledger import (
     Window,
     admit,
     current_windows,
+    expected_reservation_nanos,
     extra_to_reserve,
     month_end_s,
     month_of,
@@ -237,3 +238,12 @@ def test_months_are_calendar_months_in_the_org_zone(at_s: float, timezone: str, 
 def test_month_end_is_the_next_month_start_in_the_org_zone() -> None:
     assert month_end_s("2026-01", "Europe/Rome") == 1_769_900_400.0
     assert month_end_s("2025-12", "UTC") == 1_767_225_600.0
+
+
+@pytest.mark.parametrize(
+    ("recent", "expected_nanos"),
+    [([], 1_000 + 100 * 10), ([3, 7, 5], 1_000 + 7 * 10), ([500], 1_000 + 100 * 10)],
+)
+def test_expected_reservation(recent: list[int], expected_nanos: int) -> None:
+    worst_nanos = 1_000 + 100 * 10  # input + max_tokens 100 at 10 nanos a token
+    assert expected_reservation_nanos(worst_nanos, 100, 10, recent) == expected_nanos

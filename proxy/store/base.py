@@ -43,6 +43,8 @@ class AdmissionRequest:
     model: str
     stream: bool
     worst_case_nanos: int
+    max_tokens: int
+    output_nanos_per_token: int  # at the tier the input estimate falls in
     continue_requested: bool  # the `x-extra-usage: continue` header
     created_at_s: float
     expires_at_s: float
@@ -173,6 +175,7 @@ class OrgSpec:
     reload_amount_nanos: int | None = None
     credits_nanos: int | None = None  # the opening prepaid balance, bought once
     tier_limits: Mapping[str, Limit] = field(default_factory=dict)
+    reservation: str | None = None  # "worst_case" | "expected"
 
 
 class Store(Protocol):

@@ -25,6 +25,7 @@ from proxy.ledger import (
     MEMBER_MONTHLY,
     ORG_MONTHLY,
     PREPAID_PLANS,
+    RECENT_REQUESTS,
     TIER_MONTHLY,
     Account,
     Admitted,
@@ -36,6 +37,7 @@ from proxy.ledger import (
     Window,
     Windows,
     current_windows,
+    expected_reservation_nanos,
     extra_to_reserve,
     month_of,
     reload_due,
@@ -119,10 +121,11 @@ class SqliteStore:
             tier, member = await self._member(db, r.member_id, tiers)
             windows = current_windows(tier, await self._windows(db, r.member_id), r.created_at_s)
             funds = await self._funds(db, r.member_id, r.created_at_s)
+            amount_nanos = await self._reservation(db, r)
             decision: Admitted | Blocked | Unaffordable = ledger.admit(
                 windows,
                 tier,
-                r.worst_case_nanos,
+                amount_nanos,
                 member,
                 continue_requested=r.continue_requested,
                 now_s=r.created_at_s,
@@ -130,7 +133,7 @@ class SqliteStore:
             extra_nanos = 0
             if isinstance(decision, Admitted):
                 extra_nanos = extra_to_reserve(
-                    decision, windows, r.worst_case_nanos, member, r.created_at_s
+                    decision, windows, amount_nanos, member, r.created_at_s
                 )
                 short = short_account(list(funds.accounts), extra_nanos) if extra_nanos else None
                 if short is not None:
@@ -183,6 +186,24 @@ class SqliteStore:
                     ),
                 )
             return Admission(decision, windows, member, funds)
+
+    async def _reservation(self, db: aiosqlite.Connection, r: AdmissionRequest) -> int:
+        """What to reserve: the worst case, or the org's `expected` estimate."""
+        mode = await (
+            await db.execute("SELECT reservation FROM orgs WHERE id = ?", (r.org_id,))
+        ).fetchone()
+        if mode[0] != "expected":
+            return r.worst_case_nanos
+        recent = await (
+            await db.execute(
+                "SELECT output_tokens FROM requests WHERE member_id = ? AND model = ? AND "
+                "status = 'posted' ORDER BY created_at_s DESC LIMIT ?",
+                (r.member_id, r.model, RECENT_REQUESTS),
+            )
+        ).fetchall()
+        return expected_reservation_nanos(
+            r.worst_case_nanos, r.max_tokens, r.output_nanos_per_token, [row[0] for row in recent]
+        )
 
     async def settle(self, settlement: Settlement, tiers: Mapping[str, Tier]) -> Settled | None:
         s = settlement
@@ -620,6 +641,8 @@ class SqliteStore:
                     ("timezone", org.timezone),
                     ("extra_usage", org.extra_usage),
                 ]
+                if org.reservation is not None:
+                    org_values.append(("reservation", org.reservation))
                 if org.monthly_limit is not None:
                     org_values.append(("monthly_limit_nanos", _nanos(org.monthly_limit)))
                 if org.reload_amount_nanos is not None:

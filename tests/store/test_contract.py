@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import tomllib
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,8 @@ def asking(
         model="claude-sonnet-4-5",
         stream=False,
         worst_case_nanos=worst_case_nanos,
+        max_tokens=worst_case_nanos // 15_000,  # as if all of it were Sonnet 4.5 output
+        output_nanos_per_token=15_000,
         continue_requested=continue_requested,
         created_at_s=now_s,
         expires_at_s=now_s + 900,
@@ -216,3 +219,16 @@ async def test_exactly_one_reload_per_crossing_under_concurrent_settlements(make
     funds = (await store.admit(asking(member_id, "after", 1, now_s=NOW_S + 5), TIERS)).funds
     balance = next(a for a in funds.accounts if a.name == "balance")
     assert balance.limit_nanos == 100_000_000 - 30 * 3_000_000 + 1_000_000_000
+
+
+async def test_expected_reservation_reserves_recent_output_not_max_tokens(make_store) -> None:
+    store = await make_store(
+        DEFAULT_ORGS.replace("credits_usd = 100", 'credits_usd = 100\nreservation = "expected"')
+    )
+    member_id = await alice(store)
+    first = await store.admit(asking(member_id, "e1", 9_000_000), TIERS)  # 600 tokens
+    assert first.decision.included_reserved_nanos == 9_000_000  # no history: worst case
+    settlement = settling("e1", 1_500_000)
+    await store.settle(replace(settlement, usage=Usage(output_tokens=100)), TIERS)
+    second = await store.admit(asking(member_id, "e2", 9_000_000, now_s=NOW_S + 1), TIERS)
+    assert second.decision.included_reserved_nanos == 100 * 15_000  # the largest recent output

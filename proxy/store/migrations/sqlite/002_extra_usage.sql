@@ -5,6 +5,7 @@ ALTER TABLE orgs ADD COLUMN balance_reserved_nanos INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE orgs ADD COLUMN reload_threshold_nanos INTEGER;       -- NULL: no auto-reload
 ALTER TABLE orgs ADD COLUMN reload_amount_nanos INTEGER;
 ALTER TABLE orgs ADD COLUMN reload_pending INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE orgs ADD COLUMN reservation TEXT NOT NULL DEFAULT 'worst_case';  -- or 'expected'
 ALTER TABLE members ADD COLUMN monthly_limit_nanos INTEGER;       -- enterprise override
 ALTER TABLE requests ADD COLUMN month TEXT;                       -- YYYY-MM in the org's zone
 ALTER TABLE requests ADD COLUMN extra_reserved_nanos INTEGER NOT NULL DEFAULT 0;
