@@ -134,3 +134,39 @@ async def test_orgs_file_applies_idempotently_and_keeps_later_changes(tmp_path: 
         assert seat is not None and seat.role == "primary_owner"
     finally:
         await store.close()
+
+
+async def test_admin_verify_reports_a_balance_that_differs_from_its_transfers(
+    config: ConfigFactory,
+) -> None:
+    import asyncio
+    import json
+    import sqlite3
+
+    settings = config.settings()
+    path = settings.store.url.removeprefix("sqlite:///")
+    store = await SqliteStore.open(path)
+    await store.apply_orgs(parse_orgs(tomllib.loads(DEFAULT_ORGS), "orgs.toml", settings.plans), 0)
+    await store.close()
+    command = [
+        sys.executable,
+        "-m",
+        "proxy",
+        "admin",
+        "verify",
+        "--config",
+        str(config.root / "proxy.toml"),
+    ]
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*command, *extra], capture_output=True, text=True, timeout=60)
+
+    clean = await asyncio.to_thread(run)
+    assert clean.returncode == 0, clean.stderr
+    assert "pending_reservations: 0" in clean.stdout and "mismatches: 0" in clean.stdout
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE orgs SET balance_nanos = balance_nanos + 1")
+    broken = await asyncio.to_thread(run, "--json")
+    assert broken.returncode == 1
+    report = json.loads(broken.stdout)
+    assert report["mismatches"] == 1 and report["pending_reservations"] == 0
