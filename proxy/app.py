@@ -10,6 +10,7 @@ import structlog
 from aiohttp import web
 
 from proxy import handlers, pages
+from proxy.alerts import Alerts, WebhookSender
 from proxy.appkeys import (
     BILLING,
     CLOCK,
@@ -20,6 +21,7 @@ from proxy.appkeys import (
     TASKS,
     TOKENS,
     UPSTREAM,
+    WEBHOOKS,
 )
 from proxy.auth import KeyCache
 from proxy.billing import Billing, LedgerPayments, PaymentProvider
@@ -55,6 +57,7 @@ def create_app(
     app[TASKS] = Tasks()
     app[UPSTREAM] = Upstream(settings.upstream)
     app[PAYMENTS] = payments or LedgerPayments()
+    app[WEBHOOKS] = WebhookSender(app[TASKS], app[CLOCK])
     # Exit runs in reverse: drain tasks (settlements), then close upstream, then the store.
     app.cleanup_ctx.extend([_store_ctx, _upstream_ctx, _tasks_ctx])
 
@@ -82,15 +85,21 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         app[STORE] = store
         app[KEYS] = KeyCache(store, app[CLOCK], settings.server.key_cache_s)
         links = ContinueLinks(await store.secret("continue_link"), settings.server.public_url)
-        app[BILLING] = Billing(store, app[CLOCK], settings, links, app[TASKS], app[PAYMENTS])
+        alerts = Alerts(store, app[WEBHOOKS])
+        app[BILLING] = Billing(
+            store, app[CLOCK], settings, links, app[TASKS], app[PAYMENTS], alerts
+        )
         yield
     finally:
         await store.close()
 
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The outbound HTTP clients: the upstream API and the webhooks."""
     await app[UPSTREAM].start()
+    await app[WEBHOOKS].start()
     yield
+    await app[WEBHOOKS].close()
     await app[UPSTREAM].close()
 
 

@@ -6,8 +6,17 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-if TYPE_CHECKING:
-    pass
+if TYPE_CHECKING:  # the names in the keys' string annotations below
+    from proxy.alerts import WebhookSender  # noqa: F401
+    from proxy.auth import KeyCache  # noqa: F401
+    from proxy.billing import Billing, PaymentProvider  # noqa: F401
+    from proxy.clock import Clock  # noqa: F401
+    from proxy.exchange import Exchange  # noqa: F401
+    from proxy.settings import Settings  # noqa: F401
+    from proxy.store.base import Store  # noqa: F401
+    from proxy.tasks import Tasks  # noqa: F401
+    from proxy.tokens import TokenCounter  # noqa: F401
+    from proxy.upstream import Upstream  # noqa: F401
 
 SETTINGS = web.AppKey["Settings"]("settings")
 CLOCK = web.AppKey["Clock"]("clock")
@@ -18,5 +27,6 @@ UPSTREAM = web.AppKey["Upstream"]("upstream")
 TASKS = web.AppKey["Tasks"]("tasks")
 TOKENS = web.AppKey["TokenCounter"]("tokens")
 PAYMENTS = web.AppKey["PaymentProvider"]("payments")
+WEBHOOKS = web.AppKey["WebhookSender"]("webhooks")
 
 EXCHANGE = web.RequestKey["Exchange"]("exchange")

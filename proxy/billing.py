@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Protocol
 
 import structlog
 
+from proxy.alerts import Alert, Alerts, Webhook, usage_alerts
 from proxy.clock import Clock
 from proxy.continuation import ContinueLinks
 from proxy.exchange import Exchange
 from proxy.ledger import (
+    BALANCE,
+    ORG_MONTHLY,
     SESSION,
     WEEKLY,
     Admitted,
@@ -18,11 +22,12 @@ from proxy.ledger import (
     ReloadOrder,
     Unaffordable,
     headroom_nanos,
+    reload_due,
 )
 from proxy.metering import Usage
 from proxy.money import format_usd
 from proxy.pricing import PriceTable, cost_nanos, worst_case_nanos
-from proxy.refusals import limit_refusal, money_refusal, window_headers
+from proxy.refusals import limit_refusal, money_refusal, rfc3339, window_headers
 from proxy.settings import Settings
 from proxy.store.base import (
     Admission,
@@ -30,6 +35,7 @@ from proxy.store.base import (
     IdempotencyConflict,
     MemberStatus,
     Purchase,
+    Settled,
     Settlement,
     Store,
 )
@@ -62,7 +68,9 @@ class Billing:
         links: ContinueLinks,
         tasks: Tasks,
         payments: PaymentProvider,
+        alerts: Alerts,
     ) -> None:
+        self._alerts = alerts
         self._store = store
         self._tasks = tasks
         self._payments = payments
@@ -128,11 +136,17 @@ class Billing:
             duration_ms=(time.perf_counter() - ex.started_s) * 1000,
         )
         settled = await self._store.settle(settlement, self._tiers)
-        if settled is not None and settled.reload is not None:
-            self._tasks.spawn(self._reload(settled.reload), name=f"reload {settled.org_id}")
+        if settled is None:
+            return
+        webhook = _webhook(settled.webhook)
+        if settled.reload is not None:
+            self._tasks.spawn(self._reload(settled.reload, webhook), name=f"reload {ex.request_id}")
+        await self._alerts.raise_alerts(
+            settlement_alerts(settled, settlement.settled_at_s), webhook
+        )
 
-    async def _reload(self, order: ReloadOrder) -> None:
-        """Buy an auto-reload off the request path; a failure is recorded and logged."""
+    async def _reload(self, order: ReloadOrder, webhook: Webhook | None) -> None:
+        """Buy an auto-reload off the request path; a failure is recorded, logged and alerted."""
         try:
             paid = await self._payments.charge(
                 order.org_id, order.amount_nanos, order.idempotency_key
@@ -140,12 +154,18 @@ class Billing:
         except Exception:
             log.exception("reload_provider_failed", org=order.org_id)
             paid = False
-        await self._store.finish_reload(order, paid, self._clock.now_s())
-        log.info(
-            "auto_reload" if paid else "auto_reload_failed",
-            org=order.org_id,
-            amount_usd=format_usd(order.amount_nanos),
+        now_s = self._clock.now_s()
+        await self._store.finish_reload(order, paid, now_s)
+        alert = Alert(
+            org_id=order.org_id,
+            member_email=None,
+            kind="auto_reload" if paid else "auto_reload_failed",
+            threshold_pct=None,
+            period=order.idempotency_key,
+            at_s=now_s,
+            amount_nanos=order.amount_nanos,
         )
+        await self._alerts.raise_alerts([alert], webhook)
 
     async def purchase(self, org_id: str, amount_nanos: int, idempotency_key: str) -> Purchase:
         """Owners buy prepaid credits; a replay of the same key returns the first purchase."""
@@ -180,3 +200,66 @@ def extra_remaining(admission: Admission) -> str:
         return "0"
     room_nanos = headroom_nanos(list(admission.funds.accounts))
     return "unlimited" if room_nanos is None else format_usd(room_nanos)
+
+
+def _webhook(configured: tuple[str, str] | None) -> Webhook | None:
+    """The org's webhook, its secret read from the variable that orgs.toml names."""
+    if configured is None:
+        return None
+    url, secret_env = configured
+    return Webhook(url, os.environ.get(secret_env, ""))
+
+
+def settlement_alerts(settled: Settled, at_s: float) -> list[Alert]:
+    """The alerts one settlement raises: thresholds of the session window, the member's and the
+    org's monthly limits that it crossed, and a prepaid balance falling to its threshold."""
+    alerts: list[Alert] = []
+    split = settled.split
+    session = settled.windows_before.get(SESSION)
+    if session is not None:
+        alerts += usage_alerts(
+            org_id=settled.org_id,
+            member_email=settled.member_email,
+            kind="session",
+            period=rfc3339(session.started_at_s),
+            used_before_nanos=session.used_nanos,
+            used_after_nanos=session.used_nanos + split.included_nanos + split.overrun_nanos,
+            limit_nanos=session.limit_nanos,
+            at_s=at_s,
+        )
+    funds = settled.funds_before
+    if funds is None or not split.extra_nanos:
+        return alerts
+    for account in funds.accounts:
+        if account.name == BALANCE:
+            continue
+        org_level = account.name == ORG_MONTHLY
+        alerts += usage_alerts(
+            org_id=settled.org_id,
+            member_email=None if org_level else settled.member_email,
+            kind="org_monthly" if org_level else "member_monthly",
+            period=funds.month,
+            used_before_nanos=account.used_nanos,
+            used_after_nanos=account.used_nanos + split.extra_nanos,
+            limit_nanos=account.limit_nanos,
+            at_s=at_s,
+        )
+    after_nanos, threshold_nanos = settled.balance_after_nanos, settled.reload_threshold_nanos
+    if (
+        after_nanos is not None
+        and threshold_nanos is not None
+        and reload_due(after_nanos + split.extra_nanos, after_nanos, threshold_nanos)
+    ):
+        alerts.append(
+            Alert(
+                org_id=settled.org_id,
+                member_email=None,
+                kind="balance_low",
+                threshold_pct=None,
+                period=settled.request_id,
+                at_s=at_s,
+                balance_nanos=after_nanos,
+                limit_nanos=threshold_nanos,
+            )
+        )
+    return alerts

@@ -187,8 +187,8 @@ async def _forward_whole(
     except Refusal as refusal:
         ex.outcome = refusal.outcome
         raise
-    finally:
-        await app[BILLING].settle(ex)
+    finally:  # once the answer is known, never in its way
+        app[TASKS].spawn(app[BILLING].settle(ex), name=f"settle {ex.request_id}")
 
 
 async def _relay_stream(

@@ -79,7 +79,14 @@ def _parse_org(t: TableReader, plans: Plans) -> OrgSpec:
     reservation = t.get("reservation", str, None)
     if reservation not in (None, "worst_case", "expected"):
         raise t.fail("reservation", f'must be "worst_case" or "expected", got {reservation!r}')
-    t.get("webhook", dict, None)  # alerts: read here, applied with the alerts
+    hook = t.table("webhook")
+    webhook_url = hook.get("url", str, None)
+    webhook_secret_env = hook.get("secret_env", str, None)
+    hook.done()
+    if webhook_url is not None and not webhook_url.startswith(("http://", "https://")):
+        raise hook.fail("url", f"must be an http(s) URL, got {webhook_url!r}")
+    if (webhook_url is None) != (webhook_secret_env is None):
+        raise t.fail("webhook", "needs both url and secret_env")
     members = tuple(
         _parse_member(TableReader(raw, t.source, f"{t.path}.members[{i}]"), plans)
         for i, raw in enumerate(t.get("members", list, []))
@@ -106,6 +113,8 @@ def _parse_org(t: TableReader, plans: Plans) -> OrgSpec:
         credits_nanos=credits_nanos,
         tier_limits=tier_limits,
         reservation=reservation,
+        webhook_url=webhook_url,
+        webhook_secret_env=webhook_secret_env,
         timezone=timezone,
         extra_usage=mode,
         extra_usage_members=selected,

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from proxy.alerts import Alert
 from proxy.ledger import (
     Admitted,
     Blocked,
@@ -69,6 +70,12 @@ class Settled:
     split: Split
     windows_before: Windows
     reload: ReloadOrder | None
+    request_id: str = ""
+    member_email: str = ""
+    funds_before: ExtraFunds | None = None  # month-to-date accounts before this charge
+    balance_after_nanos: int | None = None  # prepaid orgs
+    reload_threshold_nanos: int | None = None
+    webhook: tuple[str, str] | None = None  # (url, name of the variable holding the secret)
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +183,8 @@ class OrgSpec:
     credits_nanos: int | None = None  # the opening prepaid balance, bought once
     tier_limits: Mapping[str, Limit] = field(default_factory=dict)
     reservation: str | None = None  # "worst_case" | "expected"
+    webhook_url: str | None = None
+    webhook_secret_env: str | None = None
 
 
 class Store(Protocol):
@@ -205,6 +214,10 @@ class Store(Protocol):
     async def verify(self, now_s: float) -> Verification: ...
 
     async def list_transfers(self, org_id: str, month: str | None = None) -> list[Transfer]: ...
+
+    async def record_alert(self, alert: Alert) -> bool:
+        """Store an alert once per key; False when it already fired in its period."""
+        ...
 
     async def expire_pending(self, now_s: float) -> int:
         """Settle as expired every reservation whose expiry has passed; return how many."""

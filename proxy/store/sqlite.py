@@ -20,6 +20,7 @@ from pathlib import Path
 import aiosqlite
 
 from proxy import ledger
+from proxy.alerts import Alert
 from proxy.ledger import (
     BALANCE,
     MEMBER_MONTHLY,
@@ -231,6 +232,7 @@ class SqliteStore:
                 weekly_start,
             ) = rows[0]
             tier, _ = await self._member(db, member_id, tiers)
+            funds_before = await self._funds(db, member_id, s.settled_at_s)
             stored = await self._windows(db, member_id, (session_start, weekly_start))
             windows = with_limits(tier, stored)
             split = split_charge(s.cost_nanos, windows, billing)
@@ -278,7 +280,28 @@ class SqliteStore:
                     s.request_id,
                 ),
             )
-            return Settled(org_id, member_id, split, windows, reload)
+            org = await (
+                await db.execute(
+                    "SELECT o.balance_nanos, o.reload_threshold_nanos, o.webhook_url, "
+                    "o.webhook_secret_env, m.email FROM orgs o JOIN members m ON m.org_id = o.id "
+                    "WHERE m.id = ?",
+                    (member_id,),
+                )
+            ).fetchone()
+            balance_nanos, threshold_nanos, webhook_url, secret_env, email = org
+            return Settled(
+                org_id,
+                member_id,
+                split,
+                windows,
+                reload,
+                request_id=s.request_id,
+                member_email=email,
+                funds_before=funds_before,
+                balance_after_nanos=balance_nanos if funds_before.prepaid else None,
+                reload_threshold_nanos=threshold_nanos,
+                webhook=(webhook_url, secret_env or "") if webhook_url else None,
+            )
 
     async def _post_extra(
         self,
@@ -492,6 +515,30 @@ class SqliteStore:
         )
         return [Transfer(*row) for row in rows]
 
+    async def record_alert(self, alert: Alert) -> bool:
+        org_id, member_email, kind, threshold_pct, period = alert.key
+        async with self._tx() as db:
+            cursor = await db.execute(
+                "INSERT INTO alerts (org_id, member_email, kind, threshold_pct, period, payload, "
+                "created_at_s) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                (
+                    org_id,
+                    member_email,
+                    kind,
+                    threshold_pct,
+                    period,
+                    json.dumps(alert.payload(), sort_keys=True),
+                    alert.at_s,
+                ),
+            )
+            return cursor.rowcount == 1
+
+    async def list_alerts(self, org_id: str) -> list[dict]:
+        rows = await self._read(
+            "SELECT payload FROM alerts WHERE org_id = ? ORDER BY created_at_s, rowid", (org_id,)
+        )
+        return [json.loads(row[0]) for row in rows]
+
     async def expire_pending(self, now_s: float) -> int:
         async with self._tx() as db:
             rows = await (
@@ -641,6 +688,9 @@ class SqliteStore:
                     ("timezone", org.timezone),
                     ("extra_usage", org.extra_usage),
                 ]
+                if org.webhook_url is not None:
+                    org_values.append(("webhook_url", org.webhook_url))
+                    org_values.append(("webhook_secret_env", org.webhook_secret_env))
                 if org.reservation is not None:
                     org_values.append(("reservation", org.reservation))
                 if org.monthly_limit is not None:

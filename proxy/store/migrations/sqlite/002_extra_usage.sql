@@ -6,6 +6,8 @@ ALTER TABLE orgs ADD COLUMN reload_threshold_nanos INTEGER;       -- NULL: no au
 ALTER TABLE orgs ADD COLUMN reload_amount_nanos INTEGER;
 ALTER TABLE orgs ADD COLUMN reload_pending INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE orgs ADD COLUMN reservation TEXT NOT NULL DEFAULT 'worst_case';  -- or 'expected'
+ALTER TABLE orgs ADD COLUMN webhook_url TEXT;
+ALTER TABLE orgs ADD COLUMN webhook_secret_env TEXT;              -- the variable holding the secret
 ALTER TABLE members ADD COLUMN monthly_limit_nanos INTEGER;       -- enterprise override
 ALTER TABLE requests ADD COLUMN month TEXT;                       -- YYYY-MM in the org's zone
 ALTER TABLE requests ADD COLUMN extra_reserved_nanos INTEGER NOT NULL DEFAULT 0;
@@ -45,3 +47,15 @@ CREATE TABLE transfers (
     UNIQUE (org_id, idempotency_key)
 );
 CREATE INDEX transfers_org_month ON transfers (org_id, month);
+
+-- Usage alerts, each stored once per (org, member, kind, threshold, period): the key decides.
+CREATE TABLE alerts (
+    org_id TEXT NOT NULL,
+    member_email TEXT NOT NULL,                                   -- '' for org-level alerts
+    kind TEXT NOT NULL,
+    threshold_pct INTEGER NOT NULL,                               -- 0 where none applies
+    period TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    created_at_s REAL NOT NULL,
+    PRIMARY KEY (org_id, member_email, kind, threshold_pct, period)
+);
