@@ -219,9 +219,13 @@ class WebhookSender:
             headers={"user-agent": f"usage-proxy/{__version__}"},
         )
 
+    def stop_retrying(self) -> None:
+        """Shutting down: pending backoff waits end at once and no attempt is retried, so
+        draining the tasks never waits on a dead webhook. Deliveries in flight still finish."""
+        self._closed.set()
+
     async def close(self) -> None:
-        """Stop retrying (pending backoffs end at once) and close the session. Drain the tasks
-        first so deliveries in flight can finish."""
+        """Stop retrying and close the session (drain the tasks first)."""
         self._closed.set()
         if self._session is not None:
             await self._session.close()
@@ -229,8 +233,9 @@ class WebhookSender:
 
     def deliver(self, webhook: Webhook, alert: Alert) -> None:
         """Send in the background; returns at once and never raises for delivery failures."""
-        if self._session is None:
-            raise RuntimeError("WebhookSender.start() was not called")
+        if self._session is None:  # not started, or already shut down: the alert is stored
+            log.warning("webhook_skipped", org=alert.org_id, kind=alert.kind, reason="closed")
+            return
         body = json.dumps(alert.payload(), separators=(",", ":"), sort_keys=True).encode()
         self._tasks.spawn(
             self._send(self._session, webhook, body, alert),

@@ -108,6 +108,7 @@ async def _tasks_ctx(app: web.Application) -> AsyncIterator[None]:
     sweeper = tasks.spawn(_sweep(app[BILLING]), name="reservation sweeper")
     yield
     sweeper.cancel()
+    app[WEBHOOKS].stop_retrying()  # a dead webhook must not hold up the shutdown
     await tasks.drain()
 
 

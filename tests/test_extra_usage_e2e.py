@@ -301,3 +301,67 @@ auto_reload = { threshold_usd = 0.02, amount_usd = 0.05 }
     assert await transfers(proxy, "reload") == [50_000_000]
     overrun_nanos = -sum(await transfers(proxy, "estimate_overrun"))
     assert await spent_nanos(proxy) - overrun_nanos <= 70_000_000  # within the org limit
+
+
+async def test_max_alerts_as_the_limit_approaches_reach_the_signed_webhook(
+    start_proxy, aiohttp_server, monkeypatch
+):
+    from aiohttp import web
+
+    from proxy.alerts import sign
+
+    received: list[dict] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        body = await request.read()
+        assert request.headers["x-usage-proxy-signature"] == sign(body, "whsec-test")
+        received.append(await request.json())
+        return web.Response()
+
+    receiver = web.Application()
+    receiver.router.add_post("/hook", hook)
+    hook_server = await aiohttp_server(receiver)
+    monkeypatch.setenv("ACME_WEBHOOK_SECRET", "whsec-test")
+    proxy = await start_proxy(
+        plans=TINY_PLANS,
+        orgs=org(
+            "max",
+            f"""
+extra_usage = "all"
+monthly_spend_limit_usd = 0.02
+credits_usd = 1
+webhook = {{ url = "{hook_server.make_url("/hook")}", secret_env = "ACME_WEBHOOK_SECRET" }}
+""",
+        ),
+    )
+    refusal, _ = await until_refused(proxy)
+    assert refusal.response.json()["error"]["details"]["limit"] == "org_monthly"
+    for _ in range(100):
+        if len([a for a in received if a["kind"] == "org_monthly"]) >= 3:
+            break
+        await asyncio.sleep(0.02)
+    org_pct = sorted(a["threshold_pct"] for a in received if a["kind"] == "org_monthly")
+    assert org_pct[:3] == [50, 75, 90]  # each once; 100% only if a request reached it
+    assert len(org_pct) == len(set(org_pct))
+    session = [a for a in received if a["kind"] == "session"]
+    assert session and session[0]["member"] == "alice@acme.test"
+    stored = await proxy.app[STORE].list_alerts("acme")
+    assert len(stored) == len(received)
+
+
+async def test_a_dead_webhook_never_fails_a_request(start_proxy):
+    proxy = await start_proxy(
+        plans=TINY_PLANS,
+        orgs=org(
+            "team",
+            """
+extra_usage = "all"
+credits_usd = 1
+monthly_spend_limit_usd = 0.01
+webhook = { url = "http://127.0.0.1:9/hook", secret_env = "NO_SUCH_SECRET" }
+""",
+        ),
+    )
+    for _ in range(3):
+        answer = await ask(proxy)
+        assert not isinstance(answer, anthropic.APIStatusError)
