@@ -78,6 +78,7 @@ class Billing:
         self._prices: PriceTable = settings.prices
         self._tiers = settings.plans.tiers
         self._reservation_ttl_s = settings.store.reservation_ttl_s
+        self._thresholds_pct = settings.alerts.thresholds_pct
         self.links = links
 
     async def admit(self, ex: Exchange, *, continue_requested: bool) -> None:
@@ -141,9 +142,8 @@ class Billing:
         webhook = _webhook(settled.webhook)
         if settled.reload is not None:
             self._tasks.spawn(self._reload(settled.reload, webhook), name=f"reload {ex.request_id}")
-        await self._alerts.raise_alerts(
-            settlement_alerts(settled, settlement.settled_at_s), webhook
-        )
+        alerts = settlement_alerts(settled, settlement.settled_at_s, self._thresholds_pct)
+        await self._alerts.raise_alerts(alerts, webhook)
 
     async def _reload(self, order: ReloadOrder, webhook: Webhook | None) -> None:
         """Buy an auto-reload off the request path; a failure is recorded, logged and alerted."""
@@ -210,7 +210,9 @@ def _webhook(configured: tuple[str, str] | None) -> Webhook | None:
     return Webhook(url, os.environ.get(secret_env, ""))
 
 
-def settlement_alerts(settled: Settled, at_s: float) -> list[Alert]:
+def settlement_alerts(
+    settled: Settled, at_s: float, thresholds_pct: tuple[int, ...]
+) -> list[Alert]:
     """The alerts one settlement raises: thresholds of the session window, the member's and the
     org's monthly limits that it crossed, and a prepaid balance falling to its threshold."""
     alerts: list[Alert] = []
@@ -226,6 +228,7 @@ def settlement_alerts(settled: Settled, at_s: float) -> list[Alert]:
             used_after_nanos=session.used_nanos + split.included_nanos + split.overrun_nanos,
             limit_nanos=session.limit_nanos,
             at_s=at_s,
+            thresholds_pct=thresholds_pct,
         )
     funds = settled.funds_before
     if funds is None or not split.extra_nanos:
@@ -243,6 +246,7 @@ def settlement_alerts(settled: Settled, at_s: float) -> list[Alert]:
             used_after_nanos=account.used_nanos + split.extra_nanos,
             limit_nanos=account.limit_nanos,
             at_s=at_s,
+            thresholds_pct=thresholds_pct,
         )
     after_nanos, threshold_nanos = settled.balance_after_nanos, settled.reload_threshold_nanos
     if (

@@ -171,6 +171,11 @@ class StoreSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class AlertSettings:
+    thresholds_pct: tuple[int, ...] = (50, 75, 90, 100)
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     server: ServerSettings
     upstream: UpstreamSettings
@@ -178,6 +183,7 @@ class Settings:
     prices: PriceTable
     plans: Plans
     orgs_file: Path | None = None
+    alerts: AlertSettings = AlertSettings()
     admin_token: str = field(default="", repr=False)
     demo: bool = False
 
@@ -234,6 +240,14 @@ def load_settings(path: Path, env: Mapping[str, str] | None = None) -> Settings:
     orgs_name = f.get("orgs", str, "")
     f.done()
 
+    al = top.table("alerts")
+    thresholds = al.get("thresholds_pct", list, [50, 75, 90, 100])
+    if not thresholds or any(
+        not isinstance(t, int) or isinstance(t, bool) or not 0 < t <= 100 for t in thresholds
+    ):
+        raise al.fail("thresholds_pct", "must be a list of whole percentages from 1 to 100")
+    al.done()
+
     a = top.table("admin")
     token_env = a.get("token_env", str, "USAGE_PROXY_ADMIN_TOKEN")
     a.done()
@@ -247,6 +261,7 @@ def load_settings(path: Path, env: Mapping[str, str] | None = None) -> Settings:
         prices=PriceTable.load(pricing_path),
         plans=Plans.load(plans_path),
         orgs_file=(base_dir / orgs_name) if orgs_name else None,
+        alerts=AlertSettings(tuple(sorted(set(thresholds)))),
         admin_token=env.get(token_env, ""),
         demo=bool(top.data.get("demo", False)),
     )

@@ -71,9 +71,11 @@ class ConfigFactory:
         orgs: str = DEFAULT_ORGS,
         server: str = "",
         upstream: str = "",
+        tables: str = "",
         plans: str | None = None,
     ) -> Path:
-        """`server` and `upstream` are extra TOML lines for those tables of proxy.toml."""
+        """`server` and `upstream` are extra TOML lines for those tables of proxy.toml;
+        `tables` adds whole tables."""
         self.root.mkdir(parents=True, exist_ok=True)
         shutil.copy(CONFIG_DIR / "pricing.toml", self.root / "pricing.toml")
         if plans is None:
@@ -86,7 +88,7 @@ class ConfigFactory:
             f"[server]\n{server}\n"
             f'[upstream]\nbase_url = "{upstream_url}"\n{upstream}\n'
             f'[store]\nurl = "sqlite:///proxy.db"\n'
-            f'[files]\norgs = "orgs.toml"\n'
+            f'[files]\norgs = "orgs.toml"\n{tables}'
         )
         return path
 

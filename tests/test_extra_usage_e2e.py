@@ -157,6 +157,14 @@ tier_limits_usd = { standard = 0.01, premium = 0.02 }
     assert await transfers(proxy, "purchase") == [] and await transfers(proxy, "reload") == []
     spent = await spent_nanos(proxy)
     assert spent <= 10_000_000 + 15_000_000
+    # the month's statement: postpaid, so what is due is the extra usage, per member and model
+    statement = await proxy.app[STORE].statement("acme", "2026-01")
+    assert statement.due_nanos == statement.usage_total_nanos == spent
+    assert set(statement.usage_nanos) == {
+        ("alice@acme.test", "claude-sonnet-4-5"),
+        ("bob@acme.test", "claude-sonnet-4-5"),
+    }
+    assert statement.credits_nanos == {}
     # a new month in the org's time zone: month-to-date limits start again at once
     clock.set_s(1_769_900_400.0)  # 2026-02-01T00:00:00+01:00 (Europe/Rome)
     assert not isinstance(await ask(proxy), anthropic.APIStatusError)

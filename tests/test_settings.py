@@ -40,6 +40,7 @@ def test_upstream_key_is_never_in_repr(config: ConfigFactory) -> None:
         ({"server": 'port = "80"'}, "server.port", "expected a number"),
         ({"server": "colour = 1"}, "server.colour", "unknown key"),
         ({"upstream_url": "ftp://x"}, "upstream.base_url", "http"),
+        ({"tables": "[alerts]\nthresholds_pct = [50, 150]\n"}, "alerts.thresholds_pct", "1 to 100"),
         (
             {"plans": "[tiers.standard]\nsession_window_hours = 5\n"},
             "tiers.standard.session_included_usd",
@@ -85,6 +86,51 @@ def test_bad_config_names_file_key_and_problem(
             '[[orgs]]\nid = "a"\nplan = "team"\nextra_usage = ["nobody@y"]\n',
             "orgs[0].extra_usage",
             "not a member",
+        ),
+        (
+            '[[orgs]]\nid = "a"\nplan = "team"\ncredits_usd = -5\n',
+            "orgs[0].credits_usd",
+            "negative",
+        ),
+        (
+            '[[orgs]]\nid = "a"\nplan = "team"\nmonthly_spend_limit_usd = -1\n',
+            "orgs[0].monthly_spend_limit_usd",
+            "negative",
+        ),
+        (
+            '[[orgs]]\nid = "a"\nplan = "enterprise"\ncredits_usd = 5\n',
+            "orgs[0].credits_usd",
+            "postpaid",
+        ),
+        (
+            '[[orgs]]\nid = "a"\nplan = "team"\ntier_limits_usd = { standard = 5 }\n',
+            "orgs[0].tier_limits_usd",
+            "enterprise",
+        ),
+        (
+            '[[orgs]]\nid = "a"\nplan = "enterprise"\ntier_limits_usd = { gold = 5 }\n',
+            "orgs[0].tier_limits_usd.gold",
+            "unknown tier",
+        ),
+        (
+            '[[orgs]]\nid = "a"\nplan = "team"\nauto_reload = { threshold_usd = 5 }\n',
+            "orgs[0].auto_reload",
+            "both",
+        ),
+        (
+            '[[orgs]]\nid = "a"\nplan = "team"\nauto_reload = { threshold_usd = 5, amount_usd = 0 }\n',
+            "orgs[0].auto_reload.amount_usd",
+            "more than 0",
+        ),
+        (
+            '[[orgs]]\nid = "a"\nplan = "team"\nreservation = "sometimes"\n',
+            "orgs[0].reservation",
+            "expected",
+        ),
+        (
+            '[[orgs]]\nid = "a"\nplan = "team"\nwebhook = { url = "ftp://x", secret_env = "S" }\n',
+            "orgs[0].webhook.url",
+            "http",
         ),
     ],
 )

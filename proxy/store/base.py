@@ -107,6 +107,28 @@ class Transfer:
 
 
 @dataclass(frozen=True, slots=True)
+class Statement:
+    """A month of extra usage for one org, from its transfers."""
+
+    org_id: str
+    month: str
+    plan: str
+    usage_nanos: Mapping[tuple[str, str], int]  # (member email, model) -> extra usage spent
+    credits_nanos: Mapping[str, int]  # purchase / reload / adjustment -> amount
+
+    @property
+    def usage_total_nanos(self) -> int:
+        return sum(self.usage_nanos.values())
+
+    @property
+    def due_nanos(self) -> int:
+        """What the month bills: postpaid extra usage, or the credits bought (prepaid)."""
+        if self.plan == "enterprise":
+            return self.usage_total_nanos
+        return sum(self.credits_nanos.values())
+
+
+@dataclass(frozen=True, slots=True)
 class Verification:
     pending_reservations: int  # still pending past their expiry
     mismatches: tuple[str, ...]  # balances or month spend that differ from their transfers
@@ -218,6 +240,10 @@ class Store(Protocol):
     async def record_alert(self, alert: Alert) -> bool:
         """Store an alert once per key; False when it already fired in its period."""
         ...
+
+    async def list_alerts(self, org_id: str) -> list[dict]: ...
+
+    async def statement(self, org_id: str, month: str) -> Statement: ...
 
     async def expire_pending(self, now_s: float) -> int:
         """Settle as expired every reservation whose expiry has passed; return how many."""

@@ -59,6 +59,7 @@ from proxy.store.base import (
     Seat,
     Settled,
     Settlement,
+    Statement,
     Transfer,
     Verification,
 )
@@ -514,6 +515,23 @@ class SqliteStore:
             (org_id, month, month),
         )
         return [Transfer(*row) for row in rows]
+
+    async def statement(self, org_id: str, month: str) -> Statement:
+        rows = await self._read(
+            """SELECT COALESCE(m.email, ''), t.model, t.kind, SUM(t.amount_nanos)
+               FROM transfers t LEFT JOIN members m ON m.id = t.member_id
+               WHERE t.org_id = ? AND t.month = ? GROUP BY 1, 2, 3 ORDER BY 1, 2, 3""",
+            (org_id, month),
+        )
+        plan = await self._read("SELECT plan FROM orgs WHERE id = ?", (org_id,))
+        usage: dict[tuple[str, str], int] = {}
+        credits: dict[str, int] = {}
+        for email, model, kind, amount_nanos in rows:
+            if kind in ("usage_extra", "estimate_overrun"):
+                usage[(email, model)] = usage.get((email, model), 0) - amount_nanos
+            else:
+                credits[kind] = credits.get(kind, 0) + amount_nanos
+        return Statement(org_id, month, plan[0][0] if plan else "", usage, credits)
 
     async def record_alert(self, alert: Alert) -> bool:
         org_id, member_email, kind, threshold_pct, period = alert.key
