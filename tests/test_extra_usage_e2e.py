@@ -1,4 +1,6 @@
-"""Extra usage end to end, one scenario per plan, as the seed documents describe them."""
+"""Extra usage end to end, one scenario per plan, as the seed documents describe them.
+
+The `start_proxy` fixture checks the ledger invariant (balances = sums of transfers) after each."""
 
 from __future__ import annotations
 
@@ -81,12 +83,7 @@ async def spent_nanos(proxy: TestServer) -> int:
     )
 
 
-async def assert_ledger_holds(proxy: TestServer, clock) -> None:
-    verification = await proxy.app[STORE].verify(clock.now_s())
-    assert verification.mismatches == ()
-
-
-async def test_team_prepaid_auto_reload_org_limit_and_selected_members(start_proxy, clock):
+async def test_team_prepaid_auto_reload_org_limit_and_selected_members(start_proxy):
     proxy = await start_proxy(
         plans=TINY_PLANS,
         orgs=org(
@@ -115,10 +112,9 @@ auto_reload = { threshold_usd = 0.01, amount_usd = 0.02 }
     # the balance crossed $0.01 once: exactly one reload, and never beyond the $0.03 limit
     assert await transfers(proxy, "reload") == [20_000_000]
     assert await spent_nanos(proxy) <= 30_000_000
-    await assert_ledger_holds(proxy, clock)
 
 
-async def test_team_balance_runs_out_without_auto_reload(start_proxy, clock):
+async def test_team_balance_runs_out_without_auto_reload(start_proxy):
     proxy = await start_proxy(
         plans=TINY_PLANS,
         orgs=org(
@@ -134,7 +130,6 @@ credits_usd = 0.01
     assert error["details"]["limit"] == "balance"
     assert "credit balance is too low" not in error["message"]
     assert await spent_nanos(proxy) <= 10_000_000
-    await assert_ledger_holds(proxy, clock)
 
 
 async def test_enterprise_postpaid_org_tier_and_member_limits_lowest_wins(start_proxy, clock):
@@ -168,7 +163,6 @@ tier_limits_usd = { standard = 0.01, premium = 0.02 }
     # a new month in the org's time zone: month-to-date limits start again at once
     clock.set_s(1_769_900_400.0)  # 2026-02-01T00:00:00+01:00 (Europe/Rome)
     assert not isinstance(await ask(proxy), anthropic.APIStatusError)
-    await assert_ledger_holds(proxy, clock)
 
 
 async def test_max_unlimited_spend_with_auto_reload_and_session_reset(start_proxy, clock):
@@ -195,7 +189,6 @@ auto_reload = { threshold_usd = 0.005, amount_usd = 0.01 }
     clock.advance(5 * 3600)  # the session resets: included quota pays again
     fresh = await ask(proxy)
     assert fresh.headers["x-usage-billing"] == "included"
-    await assert_ledger_holds(proxy, clock)
 
 
 @pytest.mark.parametrize("plan", ["team", "max"])
@@ -278,7 +271,7 @@ credits_usd = 0.01
 
 
 async def test_200_parallel_requests_from_several_members_hold_the_limit_and_balance(
-    start_proxy, clock
+    start_proxy,
 ):
     """Limits that fit about 20 requests; 200 arrive at once from two members. The balance can
     cross its threshold only once before the org limit stops spending: exactly one reload."""
