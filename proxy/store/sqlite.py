@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from importlib import resources
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 import aiosqlite
 
@@ -63,6 +65,20 @@ from proxy.store.base import (
     Transfer,
     Verification,
 )
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _atomic(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Run a transaction to its end even when the caller is cancelled (a client that goes away
+    cancels its handler): a half-run BEGIN would otherwise stay open on the shared connection."""
+
+    @functools.wraps(method)
+    async def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        return await asyncio.shield(method(*args, **kwargs))
+
+    return run
 
 
 class SqliteStore:
@@ -117,6 +133,7 @@ class SqliteStore:
         )
         return Seat(*rows[0]) if rows else None
 
+    @_atomic
     async def admit(self, request: AdmissionRequest, tiers: Mapping[str, Tier]) -> Admission:
         r = request
         async with self._tx() as db:
@@ -207,6 +224,7 @@ class SqliteStore:
             r.worst_case_nanos, r.max_tokens, r.output_nanos_per_token, [row[0] for row in recent]
         )
 
+    @_atomic
     async def settle(self, settlement: Settlement, tiers: Mapping[str, Tier]) -> Settled | None:
         s = settlement
         usage = s.usage or Usage()
@@ -429,6 +447,7 @@ class SqliteStore:
             accounts.append(Account(BALANCE, balance, 0, balance_reserved))
         return ExtraFunds(month, prepaid, tuple(accounts), timezone)
 
+    @_atomic
     async def purchase(
         self, org_id: str, amount_nanos: int, idempotency_key: str, now_s: float
     ) -> Purchase:
@@ -471,6 +490,7 @@ class SqliteStore:
         )
         return Purchase(cursor.lastrowid, amount_nanos, replayed=False)
 
+    @_atomic
     async def finish_reload(self, order: ReloadOrder, paid: bool, now_s: float) -> None:
         async with self._tx() as db:
             if paid:
@@ -533,6 +553,7 @@ class SqliteStore:
                 credits[kind] = credits.get(kind, 0) + amount_nanos
         return Statement(org_id, month, plan[0][0] if plan else "", usage, credits)
 
+    @_atomic
     async def record_alert(self, alert: Alert) -> bool:
         org_id, member_email, kind, threshold_pct, period = alert.key
         async with self._tx() as db:
@@ -557,6 +578,7 @@ class SqliteStore:
         )
         return [json.loads(row[0]) for row in rows]
 
+    @_atomic
     async def expire_pending(self, now_s: float) -> int:
         async with self._tx() as db:
             rows = await (
@@ -604,6 +626,7 @@ class SqliteStore:
             stored = await self._windows(self._conn, member_id)
         return MemberStatus(current_windows(tier, stored, now_s), member)
 
+    @_atomic
     async def continue_extra_usage(
         self, member_id: int, tiers: Mapping[str, Tier], now_s: float
     ) -> MemberStatus:
@@ -679,6 +702,7 @@ class SqliteStore:
             cursor = await self._conn.execute(sql, params)
             return list(await cursor.fetchall())
 
+    @_atomic
     async def apply_orgs(self, orgs: list[OrgSpec], now_s: float) -> None:
         async with self._tx() as db:
             declared = {row[0]: row[1] async for row in await db.execute("SELECT * FROM declared")}
@@ -776,6 +800,7 @@ class SqliteStore:
                             (sha, member_id, prefix, now_s),
                         )
 
+    @_atomic
     async def issue_key(self, member_id: int, key_sha256: str, prefix: str, now_s: float) -> None:
         async with self._tx() as db:
             await db.execute(
@@ -784,6 +809,7 @@ class SqliteStore:
                 (key_sha256, member_id, prefix, now_s),
             )
 
+    @_atomic
     async def revoke_key(self, prefix_or_sha256: str, now_s: float) -> int:
         async with self._tx() as db:
             cursor = await db.execute(

@@ -232,3 +232,16 @@ async def test_expected_reservation_reserves_recent_output_not_max_tokens(make_s
     await store.settle(replace(settlement, usage=Usage(output_tokens=100)), TIERS)
     second = await store.admit(asking(member_id, "e2", 9_000_000, now_s=NOW_S + 1), TIERS)
     assert second.decision.included_reserved_nanos == 100 * 15_000  # the largest recent output
+
+
+async def test_a_caller_cancelled_mid_transaction_leaves_the_store_usable(store: Store) -> None:
+    """A client that goes away cancels its handler, possibly inside a store transaction."""
+    member_id = await alice(store)
+    for delay_s in (0, 0.0001, 0.0005, 0.001, 0.002):
+        task = asyncio.ensure_future(store.admit(asking(member_id, f"x{delay_s}", 1), TIERS))
+        await asyncio.sleep(delay_s)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    admission = await store.admit(asking(member_id, "after", 1), TIERS)
+    assert isinstance(admission.decision, Admitted)
+    assert await store.settle(settling("after", 1), TIERS) is not None
