@@ -86,9 +86,9 @@ async def messages(request: web.Request) -> web.StreamResponse:
     ex.model, ex.max_tokens, ex.stream = call["model"], call["max_tokens"], call["stream"]
     ex.price = app[SETTINGS].prices.lookup(ex.model)
     if ex.price is None:
-        raise bad_request(
-            f"model: {ex.model!r} is not a model this proxy can price, so it is not forwarded "
-            "(add it to pricing.toml or set pricing.unknown_model)."
+        raise bad_request(  # operators: add it to pricing.toml or set pricing.unknown_model
+            f"model: {ex.model!r} is not available through this proxy (it has no price here, so "
+            "it cannot be metered). Use another model, or ask the proxy's operator to add it."
         )
     if len(body) < THREAD_ESTIMATE_BYTES:
         ex.input_tokens_estimate = app[TOKENS].request_input_tokens(call)
@@ -128,10 +128,21 @@ async def continue_extra_usage(request: web.Request) -> web.Response:
     status = await request.app[BILLING].continue_extra_usage(seat.member_id)
     if not status.member.extra_usage_enabled:
         raise extra_usage_disabled_refusal(seat)
+    if status.member.consent == "always":
+        return web.json_response(
+            {
+                "status": "active",
+                "consent": "always",
+                "consent_until": None,
+                "message": 'Extra usage is always on for you (consent "always"): requests beyond '
+                "your included quota are billed at API rates.",
+            }
+        )
     assert status.member.consent_until_s is not None
     return web.json_response(
         {
             "status": "active",
+            "consent": "ask",
             "consent_until": rfc3339(status.member.consent_until_s),
             "message": "Extra usage is on for you until "
             f"{reset_phrase(status.member.consent_until_s, seat.timezone)}; requests beyond your "

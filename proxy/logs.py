@@ -56,6 +56,7 @@ def request_line(ex: Exchange, *, method: str, path: str, status: int) -> dict[s
         )
     if ex.admitted:
         fields["cost_usd"] = format_usd(ex.cost_nanos)
+        fields["billing"] = ex.billing
     if ex.upstream_ms is not None:
         fields["upstream_ms"] = round(ex.upstream_ms, 2)
     return fields

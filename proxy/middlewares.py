@@ -43,7 +43,10 @@ async def exchange_middleware(request: web.Request, handler: Handler) -> web.Str
     except Refusal as refusal:
         ex.outcome = refusal.outcome
         status = refusal.status
-        return _error_response(ex, refusal.status, refusal.body(), refusal.headers)
+        headers = refusal.headers
+        if status < 500:  # the proxy's own 4xx: retrying the same request cannot help, and
+            headers = {"x-should-retry": "false", **headers}  # Claude Code retries a 401 for 3 min
+        return _error_response(ex, refusal.status, refusal.body(), headers)
     except web.HTTPException as exc:
         ex.outcome = "rejected"
         status = exc.status
@@ -60,7 +63,7 @@ async def exchange_middleware(request: web.Request, handler: Handler) -> web.Str
         log.info(
             "request",
             duration_ms=round(duration_ms, 2),
-            **request_line(ex, method=request.method, path=request.path, status=status),
+            **request_line(ex, method=request.method, path=_loggable(request), status=status),
         )
         structlog.contextvars.unbind_contextvars("request_id")
 
@@ -79,3 +82,10 @@ def _http_message(exc: web.HTTPException, request: web.Request) -> str:
     if exc.status == 405:
         return f"Method {request.method} is not allowed for {request.path}."
     return exc.reason
+
+
+def _loggable(request: web.Request) -> str:
+    """The path for the log, without secrets: a continue link's token is a credential."""
+    if request.path.startswith("/continue/"):
+        return "/continue/{token}"
+    return request.path

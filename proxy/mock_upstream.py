@@ -197,7 +197,8 @@ class Reply:
 
 def create_mock_app(*, api_key: str | None = None, fast: bool = False) -> web.Application:
     """The fake Messages API; `api_key` makes it refuse other keys, `fast` drops all delays."""
-    app = web.Application(middlewares=[_mock_middleware])
+    # the real API takes bodies up to 32 MB (Claude Code's long sessions pass 1 MiB)
+    app = web.Application(middlewares=[_mock_middleware], client_max_size=32 * 1024 * 1024)
     app[MOCK_CONFIG_KEY] = MockConfig(api_key=api_key, fast=fast)
     app[MOCK_STATE_KEY] = MockState()
     app.on_response_prepare.append(_add_upstream_headers)
@@ -269,10 +270,10 @@ async def _messages(request: web.Request) -> web.StreamResponse:
     if script.fail in ("529", "500") or (script.fail == "error-event" and not stream):
         await _delay(script)
         return _failure(request, script.fail)
-    output_tokens = (
-        script.output_tokens
-        if script.output_tokens is not None
-        else min(max_tokens, OUTPUT_TOKENS_DEFAULT)
+    # like the real API, never more output than max_tokens
+    output_tokens = min(
+        max_tokens,
+        script.output_tokens if script.output_tokens is not None else OUTPUT_TOKENS_DEFAULT,
     )
     reply = Reply(
         message_id="msg_01" + _random_id(22),

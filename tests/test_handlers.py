@@ -153,9 +153,10 @@ async def test_unknown_model_is_refused_naming_it_and_not_forwarded(proxy: TestS
 @pytest.mark.parametrize("key", ["", "sk-wrong-key-000000000000000", REVOKED_KEY])
 async def test_missing_wrong_or_revoked_key_gets_401(proxy: TestServer, key: str, clock) -> None:
     await proxy.app[STORE].revoke_key(REVOKED_KEY[:12], clock.now_s())
-    status, _, payload = await post_message(proxy, key=key)
+    status, headers, payload = await post_message(proxy, key=key)
     assert status == 401
     assert error_of(payload)["type"] == "authentication_error"
+    assert headers["x-should-retry"] == "false"  # else Claude Code retries a bad key for 3 min
 
 
 async def test_body_over_the_limit_gets_413(start_proxy) -> None:
@@ -208,6 +209,7 @@ async def test_canonical_log_line_has_the_request_and_no_secrets(proxy: TestServ
     assert line["model"] == "claude-sonnet-4-5"
     assert line["output_tokens"] == 10
     assert line["outcome"] == "ok"
+    assert line["billing"] == "included"
     assert "cost_usd" in line and "duration_ms" in line
     text = json.dumps(logs, default=str)
     assert ALICE_KEY not in text and UPSTREAM_KEY not in text and "Hello there" not in text

@@ -174,7 +174,7 @@ SCRIPTED_USAGE = Usage(
         ),
         (
             {"x-mock-input-tokens": "250000", "x-mock-output-tokens": "2000"},
-            Usage(input_tokens=250000, output_tokens=2000),  # beyond max_tokens: as scripted
+            Usage(input_tokens=250000, output_tokens=1024),  # like the API: capped at max_tokens
         ),
     ],
     ids=["default", "all-scripted", "cache-write-no-output", "long-context"],

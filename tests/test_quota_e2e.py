@@ -181,9 +181,12 @@ async def test_continue_link_page_confirms_without_javascript(small, clock) -> N
     assert url.startswith("http://127.0.0.1:8787/continue/")  # server.public_url
     path = URL(url).path
     async with aiohttp.ClientSession() as http:
-        async with http.get(small.make_url(path)) as page:
-            html = await page.text()
-            assert page.status == 200
+        with capture_logs() as logs:
+            async with http.get(small.make_url(path)) as page:
+                html = await page.text()
+                assert page.status == 200
+        token = path.rsplit("/", 1)[1]
+        assert token not in str(logs)  # the link is a credential: never logged
         assert '<form method="post"' in html and "Continue with extra usage" in html
         assert "$3 per million input tokens" not in html  # example prices are the default model's
         assert "per million input tokens" in html
@@ -294,3 +297,33 @@ async def test_a_clock_moved_backwards_is_ignored_and_logged(small, clock) -> No
     assert again.headers["x-usage-session-reset"] == first.headers["x-usage-session-reset"]
     assert again.headers["x-usage-session-remaining"] == "0.004"
     assert any(e["event"] == "clock_went_back" for e in logs)
+
+
+async def test_continue_with_consent_always_says_so(start_proxy) -> None:
+    orgs = DEFAULT_ORGS.replace(
+        f'key = "{BOB_KEY}"', f'key = "{BOB_KEY}"\nextra_usage_consent = "always"'
+    )
+    proxy = await start_proxy(plans=SMALL_PLANS, orgs=orgs)
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            proxy.make_url("/v1/extra-usage/continue"), headers={"x-api-key": BOB_KEY}
+        ) as answer,
+    ):
+        body = await answer.json()
+    assert (body["consent"], body["consent_until"]) == ("always", None)
+
+
+async def test_continue_before_any_request_lasts_as_long_as_the_window_it_opens(
+    small, clock
+) -> None:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            small.make_url("/v1/extra-usage/continue"), headers={"x-api-key": ALICE_KEY}
+        ) as answer,
+    ):
+        consent_until = (await answer.json())["consent_until"]
+    clock.advance(600)
+    first = await spend(small)
+    assert first.headers["x-usage-session-reset"] == consent_until

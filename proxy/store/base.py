@@ -220,7 +220,8 @@ class Store(Protocol):
 
     async def settle(self, settlement: Settlement, tiers: Mapping[str, Tier]) -> Settled | None:
         """Post (or void) a pending request, splitting its cost across included quota, extra
-        usage and overrun; None when it was already settled (idempotent)."""
+        usage and overrun; None when it was already settled (idempotent). A request whose
+        reservation expired (a stream that ran longer than the TTL) is still posted, once."""
         ...
 
     async def purchase(

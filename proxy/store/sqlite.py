@@ -158,13 +158,7 @@ class SqliteStore:
                 if short is not None:
                     decision = Unaffordable(short, extra_nanos)
             if isinstance(decision, Admitted):
-                for kind in windows.opened:
-                    w = windows.by_kind[kind]
-                    await db.execute(
-                        "INSERT INTO windows (member_id, kind, started_at_s, ends_at_s) "
-                        "VALUES (?, ?, ?, ?)",
-                        (r.member_id, kind, w.started_at_s, w.ends_at_s),
-                    )
+                await self._open(db, r.member_id, windows)
                 await db.execute(
                     "UPDATE windows SET reserved_nanos = reserved_nanos + ? "
                     "WHERE member_id = ? AND started_at_s IN (?, ?)",
@@ -232,8 +226,8 @@ class SqliteStore:
             rows = await (
                 await db.execute(
                     "SELECT member_id, org_id, model, billing, reserved_nanos, extra_reserved_nanos, "
-                    "month, session_started_at_s, weekly_started_at_s FROM requests "
-                    "WHERE id = ? AND status = 'pending'",
+                    "month, session_started_at_s, weekly_started_at_s, status FROM requests "
+                    "WHERE id = ? AND status IN ('pending', 'expired')",
                     (s.request_id,),
                 )
             ).fetchall()
@@ -249,7 +243,10 @@ class SqliteStore:
                 month,
                 session_start,
                 weekly_start,
+                status,
             ) = rows[0]
+            if status == "expired":  # a long stream outlived its reservation: post it late;
+                reserved_nanos = extra_reserved_nanos = 0  # the expiry already released them
             tier, _ = await self._member(db, member_id, tiers)
             funds_before = await self._funds(db, member_id, s.settled_at_s)
             stored = await self._windows(db, member_id, (session_start, weekly_start))
@@ -634,6 +631,7 @@ class SqliteStore:
             tier, member = await self._member(db, member_id, tiers)
             windows = current_windows(tier, await self._windows(db, member_id), now_s)
             if member.extra_usage_enabled:
+                await self._open(db, member_id, windows)  # consent ends with a real window
                 member = replace(member, consent_until_s=ledger.consent_until(windows, now_s))
                 await db.execute(
                     "UPDATE members SET consent_until_s = ? WHERE id = ?",
@@ -644,6 +642,16 @@ class SqliteStore:
     async def secret(self, name: str) -> str:
         rows = await self._read("SELECT value FROM secrets WHERE name = ?", (name,))
         return rows[0][0]
+
+    @staticmethod
+    async def _open(db: aiosqlite.Connection, member_id: int, windows: Windows) -> None:
+        """Store the windows that this instant opened."""
+        for kind in windows.opened:
+            w = windows.by_kind[kind]
+            await db.execute(
+                "INSERT INTO windows (member_id, kind, started_at_s, ends_at_s) VALUES (?, ?, ?, ?)",
+                (member_id, kind, w.started_at_s, w.ends_at_s),
+            )
 
     @staticmethod
     async def _member(

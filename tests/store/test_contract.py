@@ -118,15 +118,24 @@ async def test_concurrent_admissions_never_exceed_a_worst_case_window(store: Sto
     assert all(isinstance(d.decision, Blocked) for d in decisions if d not in admitted)
 
 
-async def test_expired_reservations_release_the_window_and_cannot_settle(store: Store) -> None:
+async def test_expired_reservations_release_the_window_and_a_late_settlement_posts_once(
+    store: Store,
+) -> None:
     member_id = await alice(store)
     await store.admit(asking(member_id, "lost", 4_000_000), TIERS)
     assert await store.expire_pending(NOW_S + 899) == 0
     assert await store.expire_pending(NOW_S + 900) == 1
     assert (await store.get_request("lost")).status == "expired"
-    assert await store.settle(settling("lost", 1), TIERS) is None
     status = await store.member_status(member_id, TIERS, NOW_S + 901)
     assert status.windows.by_kind["session"].reserved_nanos == 0
+    # the request was alive after all (a stream longer than the TTL): it still posts, once
+    assert await store.settle(settling("lost", 7), TIERS) is not None
+    assert await store.settle(settling("lost", 7), TIERS) is None
+    record = await store.get_request("lost")
+    assert (record.status, record.cost_nanos) == ("posted", 7)
+    status = await store.member_status(member_id, TIERS, NOW_S + 902)
+    window = status.windows.by_kind["session"]
+    assert (window.used_nanos, window.reserved_nanos) == (7, 0)
 
 
 async def test_continue_records_consent_until_the_window_resets(store: Store) -> None:
