@@ -32,9 +32,7 @@ from proxy.settings import Settings
 from proxy.store.base import (
     Admission,
     AdmissionRequest,
-    IdempotencyConflict,
     MemberStatus,
-    Purchase,
     Settled,
     Settlement,
     Store,
@@ -42,8 +40,6 @@ from proxy.store.base import (
 from proxy.tasks import Tasks
 
 log = structlog.get_logger("proxy.billing")
-
-__all__ = ["Billing", "IdempotencyConflict", "LedgerPayments", "PaymentProvider"]
 
 
 class PaymentProvider(Protocol):
@@ -60,6 +56,9 @@ class LedgerPayments:
 
 
 class Billing:
+    """Admission before forwarding and settlement after, each one store transaction; then
+    auto-reloads and alerts, off the request path."""
+
     def __init__(
         self,
         store: Store,
@@ -166,12 +165,6 @@ class Billing:
             amount_nanos=order.amount_nanos,
         )
         await self._alerts.raise_alerts([alert], webhook)
-
-    async def purchase(self, org_id: str, amount_nanos: int, idempotency_key: str) -> Purchase:
-        """Owners buy prepaid credits; a replay of the same key returns the first purchase."""
-        return await self._store.purchase(
-            org_id, amount_nanos, idempotency_key, self._clock.now_s()
-        )
 
     async def expire_pending(self) -> int:
         return await self._store.expire_pending(self._clock.now_s())
