@@ -1,4 +1,4 @@
-"""The command line: usage-proxy serve | mock-upstream | hash-key | continue | admin verify."""
+"""The command line: serve | mock-upstream | hash-key | continue | usage | admin verify."""
 
 from __future__ import annotations
 
@@ -63,19 +63,22 @@ def main(argv: list[str] | None = None) -> int:
     hashing = commands.add_parser("hash-key", help="print the SHA-256 of a key for orgs.toml")
     hashing.add_argument("key")
 
-    cont = commands.add_parser(
-        "continue", help="opt in to extra usage until your blocked window resets"
-    )
-    cont.add_argument(
-        "--key",
-        default=os.environ.get("ANTHROPIC_API_KEY"),
-        help="your usage-proxy key (default: $ANTHROPIC_API_KEY)",
-    )
-    cont.add_argument(
-        "--url",
-        default=os.environ.get("ANTHROPIC_BASE_URL", DEFAULT_URL),
-        help=f"the proxy (default: $ANTHROPIC_BASE_URL or {DEFAULT_URL})",
-    )
+    for name, text in (
+        ("continue", "opt in to extra usage until your blocked window resets"),
+        ("usage", "your windows, extra usage state and month-to-date spend"),
+    ):
+        member = commands.add_parser(name, help=text)
+        member.add_argument(
+            "--key",
+            default=os.environ.get("ANTHROPIC_API_KEY"),
+            help="your usage-proxy key (default: $ANTHROPIC_API_KEY)",
+        )
+        member.add_argument(
+            "--url",
+            default=os.environ.get("ANTHROPIC_BASE_URL", DEFAULT_URL),
+            help=f"the proxy (default: $ANTHROPIC_BASE_URL or {DEFAULT_URL})",
+        )
+        member.add_argument("--json", action="store_true", help="print the JSON answer")
 
     admin = commands.add_parser("admin", help="operator commands")
     admin_commands = admin.add_subparsers(dest="admin_command", required=True)
@@ -102,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
             print(hash_key(args.key))
             return 0
         if args.command == "continue":
-            return _continue(args.url, args.key)
+            return _member_call(args, "POST", "/v1/extra-usage/continue")
+        if args.command == "usage":
+            return _member_call(args, "GET", "/v1/usage")
         if args.command == "admin" and args.admin_command == "verify":
             return asyncio.run(_verify(load_settings(args.config), as_json=args.json))
     except ConfigError as exc:
@@ -136,27 +141,55 @@ async def _verify(settings: Settings, *, as_json: bool) -> int:
     return 0 if not result.mismatches and not result.pending_reservations else 1
 
 
-def _continue(url: str, key: str | None) -> int:
-    """POST /v1/extra-usage/continue with the member's key; print what the proxy said."""
-    if not key:
+def _member_call(args: argparse.Namespace, method: str, path: str) -> int:
+    """A member's own call to the proxy with their key; print the answer for a person."""
+    if not args.key:
         print("usage-proxy: --key is required (or set ANTHROPIC_API_KEY)", file=sys.stderr)
         return 2
     request = urllib.request.Request(
-        url.rstrip("/") + "/v1/extra-usage/continue",
-        method="POST",
-        data=b"",
-        headers={"x-api-key": key},
+        args.url.rstrip("/") + path,
+        method=method,
+        data=b"" if method == "POST" else None,
+        headers={"x-api-key": args.key},
     )
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
-            print(json.loads(response.read())["message"])
-            return 0
+            answer = json.loads(response.read())
     except urllib.error.HTTPError as exc:
         print(json.loads(exc.read())["error"]["message"], file=sys.stderr)
         return 1
     except (urllib.error.URLError, OSError) as exc:
-        print(f"usage-proxy: cannot reach {url}: {exc}", file=sys.stderr)
+        print(f"usage-proxy: cannot reach {args.url}: {exc}", file=sys.stderr)
         return 1
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    elif "message" in answer:
+        print(answer["message"])
+    else:
+        print(_usage_text(answer))
+    return 0
+
+
+def _usage_text(usage: dict) -> str:
+    """GET /v1/usage as a few lines a person reads."""
+    member, extra = usage["member"], usage["extra_usage"]
+    lines = [f"{member['email']} ({member['org']}, {member['tier']})"]
+    for name in ("session", "weekly"):
+        window = usage[name]
+        if window is not None:
+            resets = window["resets_at"] or "opens with your next request"
+            lines.append(
+                f"  {name:<8} ${window['used_usd']} of ${window['limit_usd']} used, "
+                f"${window['remaining_usd']} left; resets {resets}"
+            )
+    lines.append(
+        f"  extra usage: {extra['status']}; this month ${extra['month_spent_usd']} "
+        f"(your limit {extra['member_limit_usd']}, org {extra['org_month_spent_usd']} "
+        f"of {extra['org_limit_usd']})"
+    )
+    if extra["balance_usd"] is not None:
+        lines.append(f"  prepaid balance: ${extra['balance_usd']}")
+    return "\n".join(lines)
 
 
 def _serve(args: argparse.Namespace) -> int:

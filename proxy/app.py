@@ -66,6 +66,7 @@ def create_app(
     app.router.add_get("/readyz", _readyz)
     app.router.add_post("/v1/messages", handlers.messages)
     app.router.add_post("/v1/extra-usage/continue", handlers.continue_extra_usage)
+    app.router.add_get("/v1/usage", handlers.member_usage)
     app.router.add_get("/continue/{token}", pages.continue_page)
     app.router.add_post("/continue/{token}", pages.confirm_continue)
     if settings.demo:

@@ -12,10 +12,20 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy.appkeys import BILLING, EXCHANGE, KEYS, SETTINGS, TASKS, TOKENS, UPSTREAM
+from proxy.appkeys import BILLING, CLOCK, EXCHANGE, KEYS, SETTINGS, TASKS, TOKENS, UPSTREAM
 from proxy.auth import key_from_headers
 from proxy.errors import Refusal, bad_request, unauthenticated
 from proxy.exchange import Exchange
+from proxy.ledger import (
+    BALANCE,
+    MEMBER_MONTHLY,
+    ORG_MONTHLY,
+    SESSION,
+    TIER_MONTHLY,
+    WEEKLY,
+    Account,
+    Windows,
+)
 from proxy.metering import SseMeter, Usage, usage_from_body
 from proxy.money import format_usd
 from proxy.refusals import extra_usage_disabled_refusal, reset_phrase, rfc3339
@@ -149,6 +159,65 @@ async def continue_extra_usage(request: web.Request) -> web.Response:
             "included quota are billed at API rates.",
         }
     )
+
+
+async def member_usage(request: web.Request) -> web.Response:
+    """GET /v1/usage: the member's own windows, extra usage state and month-to-date spend."""
+    seat = await authenticate(request)
+    now_s = request.app[CLOCK].now_s()
+    status = await request.app[BILLING].status(seat.member_id)
+    member, funds = status.member, status.funds
+    if not member.extra_usage_enabled:
+        extra_status = "off"
+    else:
+        extra_status = "active" if member.has_continued(now_s) else "available"
+    limit = funds.account(MEMBER_MONTHLY, TIER_MONTHLY)
+    org = funds.account(ORG_MONTHLY)
+    balance = funds.account(BALANCE)
+    return web.json_response(
+        {
+            "member": {
+                "email": seat.email,
+                "org": seat.org_id,
+                "tier": seat.tier,
+                "role": seat.role,
+            },
+            "session": _window_view(status.windows, SESSION),
+            "weekly": _window_view(status.windows, WEEKLY),
+            "extra_usage": {
+                "status": extra_status,
+                "consent": member.consent,
+                "consent_until": rfc3339(member.consent_until_s)
+                if member.consent_until_s is not None and member.consent_until_s > now_s
+                else None,
+                "month": funds.month,
+                "month_spent_usd": format_usd(funds.member_spent_nanos),
+                "member_limit_usd": _limit_view(limit),
+                "org_month_spent_usd": format_usd(org.used_nanos if org else 0),
+                "org_limit_usd": _limit_view(org),
+                "balance_usd": format_usd(balance.limit_nanos or 0) if balance else None,
+            },
+        }
+    )
+
+
+def _window_view(windows: Windows, kind: str) -> dict[str, Any] | None:
+    window = windows.get(kind)
+    if window is None:
+        return None
+    return {
+        "limit_usd": format_usd(window.limit_nanos),
+        "used_usd": format_usd(window.used_nanos),
+        "remaining_usd": format_usd(window.remaining_nanos),
+        # a window opens with the first request: none is open yet
+        "resets_at": None if kind in windows.opened else rfc3339(window.ends_at_s),
+    }
+
+
+def _limit_view(account: Account | None) -> str:
+    if account is None or account.limit_nanos is None:
+        return "unlimited"
+    return format_usd(account.limit_nanos)
 
 
 def parse_messages_call(body: bytes) -> dict[str, Any]:

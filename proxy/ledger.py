@@ -277,6 +277,10 @@ class ExtraFunds:
     prepaid: bool
     accounts: tuple[Account, ...]
     timezone: str = "UTC"
+    member_spent_nanos: int = 0  # the member's extra usage posted this month
+
+    def account(self, *names: str) -> Account | None:
+        return next((a for a in self.accounts if a.name in names), None)
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestServer
 
 from proxy.appkeys import STORE
 from proxy.mock_upstream import MOCK_STATE_KEY
+from proxy.money import format_usd
 from tests.conftest import ALICE_KEY, BOB_KEY
 from tests.test_e2e_sdk import PROMPT, sdk, settled
 
@@ -366,3 +367,79 @@ webhook = { url = "http://127.0.0.1:9/hook", secret_env = "NO_SUCH_SECRET" }
     for _ in range(3):
         answer = await ask(proxy)
         assert not isinstance(answer, anthropic.APIStatusError)
+
+
+async def test_member_usage_shows_windows_extra_usage_and_spend(start_proxy):
+    import aiohttp
+
+    proxy = await start_proxy(
+        plans=TINY_PLANS,
+        orgs=org(
+            "team",
+            """
+extra_usage = "all"
+monthly_spend_limit_usd = 10
+credits_usd = 1
+""",
+        ),
+    )
+
+    async def usage(key: str = ALICE_KEY) -> dict:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(
+                proxy.make_url("/v1/usage"), headers={"authorization": f"Bearer {key}"}
+            ) as response,
+        ):
+            assert response.status == 200
+            return await response.json()
+
+    before = await usage()
+    assert before["member"] == {
+        "email": "alice@acme.test",
+        "org": "acme",
+        "tier": "standard",
+        "role": "owner",
+    }
+    assert before["session"] == {
+        "limit_usd": "0.001",
+        "used_usd": "0",
+        "remaining_usd": "0.001",
+        "resets_at": None,
+    }
+    assert before["weekly"] is None
+    await ask(proxy)
+    await ask(proxy)  # on extra usage (consent "always")
+    await settled(proxy, 1)
+    after = await usage()
+    assert after["session"]["remaining_usd"] == "0"
+    assert after["session"]["resets_at"] == "2026-01-01T05:00:00Z"
+    extra = after["extra_usage"]
+    assert extra["status"] == "active" and extra["consent"] == "always"
+    records = await proxy.app[STORE].recent_requests(1)
+    assert extra["month_spent_usd"] == extra["org_month_spent_usd"] != "0"
+    assert records[0].extra_nanos > 0
+    assert extra["member_limit_usd"] == "unlimited" and extra["org_limit_usd"] == "10"
+    assert extra["balance_usd"] == format_usd(1_000_000_000 - records[0].extra_nanos)
+    assert extra["month"] == "2026-01"
+
+
+async def test_usage_cli_prints_a_readable_summary(start_proxy):
+    import subprocess
+    import sys
+
+    proxy = await start_proxy(
+        plans=TINY_PLANS, orgs=org("team", 'extra_usage = "all"\ncredits_usd = 1')
+    )
+    await ask(proxy)
+    url = str(proxy.make_url("")).rstrip("/")
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "proxy", "usage", "--key", ALICE_KEY, "--url", url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "alice@acme.test (acme, standard)" in result.stdout
+    assert "session" in result.stdout and "prepaid balance: $1" in result.stdout

@@ -138,6 +138,7 @@ class Verification:
 class MemberStatus:
     windows: Windows
     member: MemberState
+    funds: ExtraFunds
 
 
 @dataclass(frozen=True, slots=True)

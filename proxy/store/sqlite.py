@@ -442,7 +442,8 @@ class SqliteStore:
         prepaid = plan in PREPAID_PLANS
         if prepaid:
             accounts.append(Account(BALANCE, balance, 0, balance_reserved))
-        return ExtraFunds(month, prepaid, tuple(accounts), timezone)
+        member_spent_nanos = spent.get(member_id, (0, 0))[0]
+        return ExtraFunds(month, prepaid, tuple(accounts), timezone, member_spent_nanos)
 
     @_atomic
     async def purchase(
@@ -621,7 +622,8 @@ class SqliteStore:
         async with self._lock:
             tier, member = await self._member(self._conn, member_id, tiers)
             stored = await self._windows(self._conn, member_id)
-        return MemberStatus(current_windows(tier, stored, now_s), member)
+            funds = await self._funds(self._conn, member_id, now_s)
+        return MemberStatus(current_windows(tier, stored, now_s), member, funds)
 
     @_atomic
     async def continue_extra_usage(
@@ -637,7 +639,7 @@ class SqliteStore:
                     "UPDATE members SET consent_until_s = ? WHERE id = ?",
                     (member.consent_until_s, member_id),
                 )
-            return MemberStatus(windows, member)
+            return MemberStatus(windows, member, await self._funds(db, member_id, now_s))
 
     async def secret(self, name: str) -> str:
         rows = await self._read("SELECT value FROM secrets WHERE name = ?", (name,))
