@@ -10,11 +10,13 @@ import structlog
 from aiohttp import web
 
 from proxy import handlers, pages
+from proxy.admin import routes as admin_routes
 from proxy.alerts import Alerts, WebhookSender
 from proxy.appkeys import (
     BILLING,
     CLOCK,
     KEYS,
+    METRICS,
     PAYMENTS,
     SETTINGS,
     STORE,
@@ -28,6 +30,7 @@ from proxy.billing import Billing, LedgerPayments, PaymentProvider
 from proxy.clock import Clock, SystemClock
 from proxy.continuation import ContinueLinks
 from proxy.errors import bad_request
+from proxy.metrics import Metrics, scrape
 from proxy.middlewares import exchange_middleware
 from proxy.orgfile import load_orgs
 from proxy.refusals import rfc3339
@@ -58,12 +61,14 @@ def create_app(
     app[UPSTREAM] = Upstream(settings.upstream)
     app[PAYMENTS] = payments or LedgerPayments()
     app[WEBHOOKS] = WebhookSender(app[TASKS], app[CLOCK])
+    app[METRICS] = Metrics(app[TASKS])
     # Exit runs in reverse: drain tasks (settlements), then close upstream, then the store.
     app.cleanup_ctx.extend([_store_ctx, _upstream_ctx, _tasks_ctx])
 
     app.router.add_route("HEAD", "/", handlers.head_root)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", scrape)  # unauthenticated: keep it off the public side
     app.router.add_post("/v1/messages", handlers.messages)
     app.router.add_post("/v1/extra-usage/continue", handlers.continue_extra_usage)
     app.router.add_get("/v1/usage", handlers.member_usage)
@@ -72,6 +77,7 @@ def create_app(
     if settings.demo:
         app.router.add_post("/admin/v1/clock", _advance_clock)
     app.router.add_route("*", "/v1/{tail:.*}", handlers.passthrough)
+    admin_routes.setup(app)
     return app
 
 

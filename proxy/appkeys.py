@@ -12,6 +12,7 @@ if TYPE_CHECKING:  # the names in the keys' string annotations below
     from proxy.billing import Billing, PaymentProvider  # noqa: F401
     from proxy.clock import Clock  # noqa: F401
     from proxy.exchange import Exchange  # noqa: F401
+    from proxy.metrics import Metrics  # noqa: F401
     from proxy.settings import Settings  # noqa: F401
     from proxy.store.base import Store  # noqa: F401
     from proxy.tasks import Tasks  # noqa: F401
@@ -28,5 +29,6 @@ TASKS = web.AppKey["Tasks"]("tasks")
 TOKENS = web.AppKey["TokenCounter"]("tokens")
 PAYMENTS = web.AppKey["PaymentProvider"]("payments")
 WEBHOOKS = web.AppKey["WebhookSender"]("webhooks")
+METRICS = web.AppKey["Metrics"]("metrics")
 
 EXCHANGE = web.RequestKey["Exchange"]("exchange")

@@ -52,6 +52,10 @@ class KeyCache:
         self._ttl_s = ttl_s
         self._seats: dict[str, tuple[Seat, float]] = {}
 
+    def forget(self) -> None:
+        """After a revocation through this process: it takes effect at once here."""
+        self._seats.clear()
+
     async def seat(self, key: str) -> Seat | None:
         digest = hash_key(key)
         cached = self._seats.get(digest)

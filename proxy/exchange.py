@@ -23,6 +23,7 @@ class Exchange:
     billing: str = "included"  # who pays: "included" quota or "extra" usage
     usage_headers: dict[str, str] = field(default_factory=dict)  # x-usage-* at admission
     admitted: bool = False  # a pending reservation exists and must be settled exactly once
+    forwarded_s: float | None = None  # time.perf_counter() just before the upstream call
     upstream_status: int | None = None
     upstream_ms: float | None = None
     usage: Usage | None = None  # None: nothing billable

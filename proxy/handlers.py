@@ -12,7 +12,17 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy.appkeys import BILLING, CLOCK, EXCHANGE, KEYS, SETTINGS, TASKS, TOKENS, UPSTREAM
+from proxy.appkeys import (
+    BILLING,
+    CLOCK,
+    EXCHANGE,
+    KEYS,
+    METRICS,
+    SETTINGS,
+    TASKS,
+    TOKENS,
+    UPSTREAM,
+)
 from proxy.auth import key_from_headers
 from proxy.errors import Refusal, bad_request, unauthenticated
 from proxy.exchange import Exchange
@@ -62,7 +72,7 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     ex = request[EXCHANGE]
     upstream = request.app[UPSTREAM]
     body = await request.read()
-    started_s = time.perf_counter()
+    ex.forwarded_s = started_s = time.perf_counter()
     async with upstream.send(
         request.method, request.rel_url.raw_path_qs, upstream.request_headers(request.headers), body
     ) as up:
@@ -123,6 +133,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
         status, response_headers, payload = await asyncio.shield(task)
     except asyncio.CancelledError:
         ex.outcome = "client_disconnected"
+        task.add_done_callback(lambda _: app[METRICS].observe_charge(ex))  # charged when it ends
         raise
     return web.Response(status=status, headers=response_headers, body=payload)
 
@@ -243,7 +254,7 @@ async def _forward_whole(
     """Forward, read the whole answer, charge it and settle; runs apart from the client."""
     upstream = app[UPSTREAM]
     try:
-        started_s = time.perf_counter()
+        ex.forwarded_s = started_s = time.perf_counter()
         async with upstream.send("POST", path_qs, headers, body) as up:
             ex.upstream_status = up.status
             try:
@@ -277,7 +288,7 @@ async def _relay_stream(
     """Relay an SSE stream chunk by chunk while metering it; charge what was used."""
     app = request.app
     upstream = app[UPSTREAM]
-    started_s = time.perf_counter()
+    ex.forwarded_s = started_s = time.perf_counter()
     try:
         async with upstream.send("POST", path_qs, headers, body) as up:
             ex.upstream_status = up.status
@@ -293,6 +304,7 @@ async def _relay_stream(
             response_headers.update(ex.usage_headers)
             response = web.StreamResponse(status=up.status, headers=response_headers)
             await response.prepare(request)
+            app[METRICS].open_streams.inc()
             meter = SseMeter()
             try:
                 ex.outcome = await _pump(up, response, meter)
@@ -300,6 +312,7 @@ async def _relay_stream(
                 ex.outcome = "client_disconnected"
                 raise
             finally:
+                app[METRICS].open_streams.dec()
                 app[BILLING].charge(ex, _stream_usage(app, meter))
             if ex.outcome == "upstream_cut":
                 _abort(request)  # let the client see a broken stream, as it was

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 import structlog
 from aiohttp import web
 
-from proxy.appkeys import EXCHANGE
+from proxy.appkeys import EXCHANGE, METRICS
 from proxy.errors import Refusal, error_body
 from proxy.exchange import Exchange
 from proxy.logs import request_line
@@ -65,6 +65,9 @@ async def exchange_middleware(request: web.Request, handler: Handler) -> web.Str
             duration_ms=round(duration_ms, 2),
             **request_line(ex, method=request.method, path=_loggable(request), status=status),
         )
+        request.app[METRICS].observe(
+            ex, route=_route(request), status=status, duration_s=duration_ms / 1000
+        )
         structlog.contextvars.unbind_contextvars("request_id")
 
 
@@ -82,6 +85,12 @@ def _http_message(exc: web.HTTPException, request: web.Request) -> str:
     if exc.status == 405:
         return f"Method {request.method} is not allowed for {request.path}."
     return exc.reason
+
+
+def _route(request: web.Request) -> str:
+    """The matched route's pattern (`/continue/{token}`): bounded, and never a secret."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
 
 
 def _loggable(request: web.Request) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from decimal import Decimal, InvalidOperation
 
 NANOS_PER_USD = 1_000_000_000
+# Amounts are stored as 64-bit integers; a billion dollars is far beyond any sane setting.
+MAX_USD = 1_000_000_000
 
 
 class MoneyError(ValueError):
@@ -22,6 +24,8 @@ def usd_to_nanos(value: str | int | float | Decimal) -> int:
         raise MoneyError(f"not an amount: {value!r}") from None
     if not amount.is_finite():
         raise MoneyError(f"not a finite amount: {value!r}")
+    if abs(amount) > MAX_USD:
+        raise MoneyError(f"more than {MAX_USD:,} USD: {value!r}")
     nanos = amount * NANOS_PER_USD
     if nanos != nanos.to_integral_value():
         raise MoneyError(f"finer than a nano-USD: {value!r}")

@@ -129,6 +129,49 @@ class Statement:
 
 
 @dataclass(frozen=True, slots=True)
+class MemberView:
+    email: str
+    role: str
+    tier: str
+    extra_usage_enabled: bool  # chosen for extra usage (when the org enables selected members)
+    monthly_limit_nanos: int | None
+    extra_usage_consent: str
+
+
+@dataclass(frozen=True, slots=True)
+class OrgView:
+    """An org's settings as owners see and change them."""
+
+    id: str
+    plan: str
+    timezone: str
+    extra_usage: str  # off | all | selected
+    monthly_limit_nanos: int | None  # None: unlimited
+    balance_nanos: int
+    reload_threshold_nanos: int | None
+    reload_amount_nanos: int | None
+    reservation: str
+    webhook_url: str | None
+    members: tuple[MemberView, ...] = ()
+    tier_limits: Mapping[str, int | None] = field(default_factory=dict)
+
+
+# The org settings the admin API may change (columns of the orgs table).
+ORG_COLUMNS = frozenset(
+    {
+        "timezone",
+        "extra_usage",
+        "monthly_limit_nanos",
+        "reload_threshold_nanos",
+        "reload_amount_nanos",
+        "reservation",
+        "webhook_url",
+        "webhook_secret_env",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
 class Verification:
     pending_reservations: int  # still pending past their expiry
     mismatches: tuple[str, ...]  # balances or month spend that differ from their transfers
@@ -277,7 +320,24 @@ class Store(Protocol):
         self, member_id: int, key_sha256: str, prefix: str, now_s: float
     ) -> None: ...
 
-    async def revoke_key(self, prefix_or_sha256: str, now_s: float) -> int: ...
+    async def revoke_key(self, prefix_or_sha256: str, now_s: float) -> int:
+        """Revoke the one live key with this prefix; how many matched (nothing revoked if >1)."""
+        ...
+
+    async def key_org(self, prefix_or_sha256: str) -> str | None: ...
+
+    async def get_org(self, org_id: str) -> OrgView | None: ...
+
+    async def update_org(
+        self,
+        org_id: str,
+        changes: Mapping[str, object],
+        extra_usage_members: tuple[str, ...] | None = None,
+    ) -> bool: ...
+
+    async def set_tier_limit(self, org_id: str, tier: str, limit_nanos: int | None) -> None: ...
+
+    async def member_id(self, org_id: str, email: str) -> int | None: ...
 
     async def ping(self) -> None:
         """Raise when the store is unreachable."""

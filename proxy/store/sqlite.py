@@ -51,11 +51,14 @@ from proxy.ledger import (
 from proxy.metering import Usage
 from proxy.settings import Tier
 from proxy.store.base import (
+    ORG_COLUMNS,
     Admission,
     AdmissionRequest,
     IdempotencyConflict,
     MemberStatus,
+    MemberView,
     OrgSpec,
+    OrgView,
     Purchase,
     RequestRecord,
     Seat,
@@ -821,13 +824,99 @@ class SqliteStore:
 
     @_atomic
     async def revoke_key(self, prefix_or_sha256: str, now_s: float) -> int:
+        """Revoke the one live key with this prefix (or hash); returns how many matched, and
+        revokes nothing when a prefix is ambiguous."""
         async with self._tx() as db:
-            cursor = await db.execute(
-                "UPDATE keys SET revoked_at_s = ? WHERE (prefix = ? OR key_sha256 = ?) "
-                "AND revoked_at_s IS NULL",
-                (now_s, prefix_or_sha256, prefix_or_sha256),
+            rows = await (
+                await db.execute(
+                    "SELECT key_sha256 FROM keys WHERE (prefix = ? OR key_sha256 = ?) "
+                    "AND revoked_at_s IS NULL",
+                    (prefix_or_sha256, prefix_or_sha256),
+                )
+            ).fetchall()
+            if len(rows) == 1:
+                await db.execute(
+                    "UPDATE keys SET revoked_at_s = ? WHERE key_sha256 = ?", (now_s, rows[0][0])
+                )
+            return len(rows)
+
+    async def key_org(self, prefix_or_sha256: str) -> str | None:
+        """The org of the live key(s) with this prefix, for authorising a revocation."""
+        rows = await self._read(
+            "SELECT DISTINCT m.org_id FROM keys k JOIN members m ON m.id = k.member_id "
+            "WHERE (k.prefix = ? OR k.key_sha256 = ?) AND k.revoked_at_s IS NULL",
+            (prefix_or_sha256, prefix_or_sha256),
+        )
+        return rows[0][0] if len(rows) == 1 else None
+
+    async def get_org(self, org_id: str) -> OrgView | None:
+        orgs = await self._read(
+            "SELECT id, plan, timezone, extra_usage, monthly_limit_nanos, balance_nanos, "
+            "reload_threshold_nanos, reload_amount_nanos, reservation, webhook_url "
+            "FROM orgs WHERE id = ?",
+            (org_id,),
+        )
+        if not orgs:
+            return None
+        members = await self._read(
+            "SELECT email, role, tier, extra_usage_enabled, monthly_limit_nanos, "
+            "extra_usage_consent FROM members WHERE org_id = ? AND removed = 0 ORDER BY id",
+            (org_id,),
+        )
+        tiers = await self._read(
+            "SELECT tier, monthly_limit_nanos FROM tier_limits WHERE org_id = ? ORDER BY tier",
+            (org_id,),
+        )
+        return OrgView(
+            *orgs[0],
+            members=tuple(MemberView(*m) for m in members),
+            tier_limits={tier: limit for tier, limit in tiers},
+        )
+
+    @_atomic
+    async def update_org(
+        self,
+        org_id: str,
+        changes: Mapping[str, object],
+        extra_usage_members: tuple[str, ...] | None = None,
+    ) -> bool:
+        """Change org settings (columns named as in the orgs table); for extra usage on
+        selected members, `extra_usage_members` lists them."""
+        unknown = set(changes) - ORG_COLUMNS
+        if unknown:
+            raise ValueError(f"not an org setting: {sorted(unknown)}")
+        async with self._tx() as db:
+            exists = await (
+                await db.execute("SELECT 1 FROM orgs WHERE id = ?", (org_id,))
+            ).fetchone()
+            if not exists:
+                return False
+            for column, value in changes.items():
+                await db.execute(f"UPDATE orgs SET {column} = ? WHERE id = ?", (value, org_id))
+            if extra_usage_members is not None:
+                await db.execute(
+                    "UPDATE members SET extra_usage_enabled = (email IN (SELECT value FROM "
+                    "json_each(?))) WHERE org_id = ?",
+                    (json.dumps(list(extra_usage_members)), org_id),
+                )
+            return True
+
+    @_atomic
+    async def set_tier_limit(self, org_id: str, tier: str, limit_nanos: int | None) -> None:
+        async with self._tx() as db:
+            await db.execute(
+                "INSERT INTO tier_limits (org_id, tier, monthly_limit_nanos) VALUES (?, ?, ?) "
+                "ON CONFLICT (org_id, tier) DO UPDATE SET "
+                "monthly_limit_nanos = excluded.monthly_limit_nanos",
+                (org_id, tier, limit_nanos),
             )
-            return cursor.rowcount
+
+    async def member_id(self, org_id: str, email: str) -> int | None:
+        rows = await self._read(
+            "SELECT id FROM members WHERE org_id = ? AND email = ? AND removed = 0",
+            (org_id, email),
+        )
+        return rows[0][0] if rows else None
 
     async def ping(self) -> None:
         async with self._lock:
