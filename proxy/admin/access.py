@@ -1,0 +1,53 @@
+"""Who calls the admin API, and what they may touch: operators everything, owners their org."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from proxy.admin.schemas import forbidden, not_found
+from proxy.appkeys import EXCHANGE, KEYS, SETTINGS, STORE
+from proxy.auth import key_from_headers
+from proxy.errors import unauthenticated
+from proxy.store.base import OrgView
+
+OWNER_ROLES = ("primary_owner", "owner")
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who calls the admin API: the operator (everything) or an owner (their org only)."""
+
+    operator: bool
+    org_id: str | None = None
+
+    def require_org(self, org_id: str) -> None:
+        if not self.operator and self.org_id != org_id:
+            raise forbidden("This key may manage only its own organisation.")
+
+
+async def caller(request: web.Request) -> Caller:
+    key = key_from_headers(request.headers)
+    if not key:
+        raise unauthenticated("Send the operator token or an owner's key.")
+    token = request.app[SETTINGS].admin_token
+    if token and hmac.compare_digest(key.encode(), token.encode()):
+        return Caller(operator=True)
+    seat = await request.app[KEYS].seat(key)
+    if seat is None:
+        raise unauthenticated("This key is not valid on this proxy (unknown or revoked).")
+    request[EXCHANGE].seat = seat
+    if seat.role not in OWNER_ROLES:
+        raise forbidden("Only owners and primary owners manage organisations.")
+    return Caller(operator=False, org_id=seat.org_id)
+
+
+async def org_of(request: web.Request) -> OrgView:
+    org_id = request.match_info["org"]
+    (await caller(request)).require_org(org_id)
+    org = await request.app[STORE].get_org(org_id)
+    if org is None:
+        raise not_found(f"org: no organisation {org_id!r}")
+    return org
