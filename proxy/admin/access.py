@@ -22,6 +22,7 @@ class Caller:
 
     operator: bool
     org_id: str | None = None
+    role: str | None = None  # the owner's role; None for the operator
 
     def require_org(self, org_id: str) -> None:
         if not self.operator and self.org_id != org_id:
@@ -41,13 +42,18 @@ async def caller(request: web.Request) -> Caller:
     request[EXCHANGE].seat = seat
     if seat.role not in OWNER_ROLES:
         raise forbidden("Only owners and primary owners manage organisations.")
-    return Caller(operator=False, org_id=seat.org_id)
+    return Caller(operator=False, org_id=seat.org_id, role=seat.role)
 
 
 async def org_of(request: web.Request) -> OrgView:
+    return (await org_and_caller(request))[0]
+
+
+async def org_and_caller(request: web.Request) -> tuple[OrgView, Caller]:
     org_id = request.match_info["org"]
-    (await caller(request)).require_org(org_id)
+    call = await caller(request)
+    call.require_org(org_id)
     org = await request.app[STORE].get_org(org_id)
     if org is None:
         raise not_found(f"org: no organisation {org_id!r}")
-    return org
+    return org, call

@@ -9,10 +9,12 @@ from aiohttp import web
 from proxy.admin.access import caller, org_of
 from proxy.admin.schemas import (
     CREDITS,
+    ORG_CREATE,
     ORG_PATCH,
     TIER_LIMIT,
     UNLIMITED,
     conflict,
+    forbidden,
     not_found,
     read_body,
 )
@@ -21,7 +23,7 @@ from proxy.auth import hash_key, key_prefix, new_key
 from proxy.errors import bad_request
 from proxy.ledger import PREPAID_PLANS
 from proxy.money import format_usd
-from proxy.store.base import IdempotencyConflict, OrgView
+from proxy.store.base import IdempotencyConflict, MemberView, OrgView
 
 
 def _limit(nanos: int | None) -> str:
@@ -46,20 +48,35 @@ def org_json(org: OrgView) -> dict[str, Any]:
         "reservation": org.reservation,
         "webhook": {"url": org.webhook_url} if org.webhook_url else None,
         "tier_limits_usd": {tier: _limit(n) for tier, n in org.tier_limits.items()},
-        "members": [
-            {
-                "email": m.email,
-                "role": m.role,
-                "tier": m.tier,
-                "extra_usage": org.extra_usage == "all" or bool(m.extra_usage_enabled),
-                "monthly_spend_limit_usd": None
-                if m.monthly_limit_nanos is None
-                else format_usd(m.monthly_limit_nanos),
-                "extra_usage_consent": m.extra_usage_consent,
-            }
-            for m in org.members
-        ],
+        "members": [member_json(org, m) for m in org.members],
     }
+
+
+def member_json(org: OrgView, m: MemberView) -> dict[str, Any]:
+    return {
+        "email": m.email,
+        "role": m.role,
+        "tier": m.tier,
+        "extra_usage": org.extra_usage == "all" or bool(m.extra_usage_enabled),
+        "monthly_spend_limit_usd": None
+        if m.monthly_limit_nanos is None
+        else format_usd(m.monthly_limit_nanos),
+        "extra_usage_consent": m.extra_usage_consent,
+    }
+
+
+async def create_org(request: web.Request) -> web.Response:
+    """Operators only: a new organisation (then PATCH its settings, add members)."""
+    if not (await caller(request)).operator:
+        raise forbidden("Only the operator creates organisations.")
+    body = read_body(await request.read(), ORG_CREATE, required=("id", "plan"))
+    store = request.app[STORE]
+    created = await store.create_org(
+        body["id"], body["plan"], body.get("timezone", "UTC"), request.app[CLOCK].now_s()
+    )
+    if not created:
+        raise conflict(f"id: an organisation {body['id']!r} exists already")
+    return web.json_response(org_json(await store.get_org(body["id"])), status=201)
 
 
 async def get_org(request: web.Request) -> web.Response:

@@ -9,7 +9,9 @@ from typing import Any
 from aiohttp import web
 
 from proxy import __version__
+from proxy.admin.members import create_member, delete_member, patch_member
 from proxy.admin.orgs import (
+    create_org,
     delete_key,
     get_org,
     patch_org,
@@ -17,7 +19,23 @@ from proxy.admin.orgs import (
     post_member_key,
     put_tier_limit,
 )
-from proxy.admin.schemas import CREDITS, ORG_PATCH, TIER_LIMIT, Field, body_schema
+from proxy.admin.reports import (
+    STATEMENT_QUERY,
+    USAGE_QUERY,
+    get_alerts,
+    get_statement,
+    get_usage,
+)
+from proxy.admin.schemas import (
+    CREDITS,
+    MEMBER_CREATE,
+    MEMBER_PATCH,
+    ORG_CREATE,
+    ORG_PATCH,
+    TIER_LIMIT,
+    Field,
+    body_schema,
+)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -31,11 +49,38 @@ class Route:
     body: dict[str, Field] | None = None
     required: tuple[str, ...] = ()
     ok_status: int = 200
+    query: tuple[str, ...] = ()  # optional query parameters
 
 
 ORG = "/admin/v1/orgs/{org}"
 ROUTES = (
+    Route(
+        "POST",
+        "/admin/v1/orgs",
+        create_org,
+        "Create an organisation (operator)",
+        ORG_CREATE,
+        ("id", "plan"),
+        201,
+    ),
     Route("GET", ORG, get_org, "An organisation's settings, balance and members"),
+    Route(
+        "POST",
+        ORG + "/members",
+        create_member,
+        "Add a member; the key is shown once",
+        MEMBER_CREATE,
+        ("email",),
+        201,
+    ),
+    Route(
+        "PATCH",
+        ORG + "/members/{email}",
+        patch_member,
+        "Change a member's tier, role, extra usage, limit or consent",
+        MEMBER_PATCH,
+    ),
+    Route("DELETE", ORG + "/members/{email}", delete_member, "Remove a member (keys revoked)"),
     Route(
         "PATCH", ORG, patch_org, "Change extra usage, spend limit, auto-reload, webhook", ORG_PATCH
     ),
@@ -64,6 +109,22 @@ ROUTES = (
         ok_status=201,
     ),
     Route("DELETE", "/admin/v1/keys/{prefix}", delete_key, "Revoke a key by its prefix"),
+    Route(
+        "GET",
+        ORG + "/usage",
+        get_usage,
+        "Usage between two local dates (default: month to date) by member, model or day",
+        query=USAGE_QUERY,
+    ),
+    Route("GET", ORG + "/alerts", get_alerts, "The usage alerts the organisation has had"),
+    Route(
+        "GET",
+        ORG + "/statements/{month}",
+        get_statement,
+        "A month's statement (YYYY-MM): extra usage per member and model, credits, totals; "
+        "format=csv for CSV",
+        query=STATEMENT_QUERY,
+    ),
 )
 
 
@@ -99,8 +160,14 @@ def openapi() -> dict[str, Any]:
             "operationId": route.handler.__name__,
             "security": [{"bearer": []}],
             "parameters": [
-                {"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
-                for n in names
+                *(
+                    {"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
+                    for n in names
+                ),
+                *(
+                    {"name": n, "in": "query", "required": False, "schema": {"type": "string"}}
+                    for n in route.query
+                ),
             ],
             "responses": {
                 str(route.ok_status): {

@@ -4,6 +4,7 @@ so the OpenAPI document and the validation can never disagree. Field names are o
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -169,6 +170,57 @@ CREDITS = {
     "idempotency_key": Field({"type": "string", "minLength": 1, "maxLength": 200}, parse_text),
 }
 TIER_LIMIT = {"monthly_spend_limit_usd": Field(LIMIT, parse_limit)}
+
+
+def _choice(*allowed: str) -> Callable[[str, Any], str]:
+    def parse(name: str, value: Any) -> str:
+        if value not in allowed:
+            raise bad_request(f"{name}: must be one of {', '.join(allowed)}")
+        return value
+
+    return parse
+
+
+def parse_org_id(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", value):
+        raise bad_request(f"{name}: lowercase letters, digits and dashes, at most 63")
+    return value
+
+
+def parse_email(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[^@\s]{1,64}@[^@\s]{1,189}", value):
+        raise bad_request(f"{name}: must be an email address")
+    return value
+
+
+def parse_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise bad_request(f"{name}: must be true or false")
+    return value
+
+
+def parse_member_limit(name: str, value: Any) -> int | None:
+    """Enterprise: the member's own monthly limit, or null to follow the tier's."""
+    return None if value is None else _usd(name, value, positive=False)
+
+
+PLAN_NAMES = ("team", "enterprise", "max")
+ROLE_NAMES = ("primary_owner", "owner", "member")
+ORG_CREATE = {
+    "id": Field({"type": "string", "pattern": "^[a-z0-9][a-z0-9-]{0,62}$"}, parse_org_id),
+    "plan": Field({"enum": list(PLAN_NAMES)}, _choice(*PLAN_NAMES)),
+    "timezone": Field({"type": "string"}, parse_timezone),
+}
+MEMBER_PATCH = {
+    "role": Field({"enum": list(ROLE_NAMES)}, _choice(*ROLE_NAMES)),
+    "tier": Field({"type": "string"}, parse_text),
+    "extra_usage": Field({"type": "boolean"}, parse_bool),
+    "monthly_spend_limit_usd": Field(
+        {"oneOf": [*USD["oneOf"], {"type": "null"}]}, parse_member_limit
+    ),
+    "extra_usage_consent": Field({"enum": ["ask", "always"]}, _choice("ask", "always")),
+}
+MEMBER_CREATE = {"email": Field({"type": "string"}, parse_email), **MEMBER_PATCH}
 
 
 def conflict(message: str) -> Refusal:

@@ -129,6 +129,25 @@ class Statement:
 
 
 @dataclass(frozen=True, slots=True)
+class UsageRow:
+    """Posted requests of one member and model (in one slice of time), summed."""
+
+    member: str  # email
+    model: str
+    slice_start_s: float  # a multiple of the slice length; the range's start when not sliced
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    cache_write_5m_tokens: int
+    cache_write_1h_tokens: int
+    cache_read_tokens: int
+    cost_nanos: int
+    included_nanos: int
+    extra_nanos: int
+    overrun_nanos: int
+
+
+@dataclass(frozen=True, slots=True)
 class MemberView:
     email: str
     role: str
@@ -168,6 +187,12 @@ ORG_COLUMNS = frozenset(
         "webhook_url",
         "webhook_secret_env",
     }
+)
+
+
+# The member settings the admin API may change (columns of the members table).
+MEMBER_COLUMNS = frozenset(
+    {"role", "tier", "extra_usage_enabled", "monthly_limit_nanos", "extra_usage_consent"}
 )
 
 
@@ -339,8 +364,27 @@ class Store(Protocol):
 
     async def member_id(self, org_id: str, email: str) -> int | None: ...
 
+    async def create_org(self, org_id: str, plan: str, timezone: str, now_s: float) -> bool: ...
+
+    async def create_member(
+        self, org_id: str, email: str, fields: Mapping[str, object], now_s: float
+    ) -> int | None: ...
+
+    async def update_member(
+        self, org_id: str, email: str, fields: Mapping[str, object]
+    ) -> bool: ...
+
+    async def remove_member(self, org_id: str, email: str, now_s: float) -> bool: ...
+
     async def ping(self) -> None:
         """Raise when the store is unreachable."""
         ...
 
     async def close(self) -> None: ...
+
+    async def usage_report(
+        self, org_id: str, start_s: float, end_s: float, slice_s: int | None = None
+    ) -> list[UsageRow]:
+        """Posted requests of the org admitted in [start_s, end_s), summed per member and model
+        and, when `slice_s` is given, per slice of that many seconds since the epoch."""
+        ...

@@ -51,6 +51,7 @@ from proxy.ledger import (
 from proxy.metering import Usage
 from proxy.settings import Tier
 from proxy.store.base import (
+    MEMBER_COLUMNS,
     ORG_COLUMNS,
     Admission,
     AdmissionRequest,
@@ -66,6 +67,7 @@ from proxy.store.base import (
     Settlement,
     Statement,
     Transfer,
+    UsageRow,
     Verification,
 )
 
@@ -554,6 +556,25 @@ class SqliteStore:
                 credits[kind] = credits.get(kind, 0) + amount_nanos
         return Statement(org_id, month, plan[0][0] if plan else "", usage, credits)
 
+    async def usage_report(
+        self, org_id: str, start_s: float, end_s: float, slice_s: int | None = None
+    ) -> list[UsageRow]:
+        # through members: each member's requests are found by (member_id, created_at_s)
+        rows = await self._read(
+            """SELECT m.email, r.model,
+                   COALESCE(CAST(r.created_at_s / ?4 AS INTEGER) * ?4, ?2),
+                   COUNT(*), SUM(r.input_tokens), SUM(r.output_tokens),
+                   SUM(r.cache_creation_5m_input_tokens), SUM(r.cache_creation_1h_input_tokens),
+                   SUM(r.cache_read_input_tokens), SUM(r.cost_nanos), SUM(r.included_nanos),
+                   SUM(r.extra_nanos), SUM(r.overrun_nanos)
+               FROM members m JOIN requests r ON r.member_id = m.id
+               WHERE m.org_id = ?1 AND r.created_at_s >= ?2 AND r.created_at_s < ?3
+                   AND r.status = 'posted'
+               GROUP BY 1, 2, 3 ORDER BY 3, 1, 2""",
+            (org_id, start_s, end_s, slice_s),
+        )
+        return [UsageRow(*row) for row in rows]
+
     @_atomic
     async def record_alert(self, alert: Alert) -> bool:
         org_id, member_email, kind, threshold_pct, period = alert.key
@@ -910,6 +931,78 @@ class SqliteStore:
                 "monthly_limit_nanos = excluded.monthly_limit_nanos",
                 (org_id, tier, limit_nanos),
             )
+
+    @_atomic
+    async def create_org(self, org_id: str, plan: str, timezone: str, now_s: float) -> bool:
+        async with self._tx() as db:
+            cursor = await db.execute(
+                "INSERT INTO orgs (id, plan, timezone, created_at_s) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (id) DO NOTHING",
+                (org_id, plan, timezone, now_s),
+            )
+            return cursor.rowcount == 1
+
+    @_atomic
+    async def create_member(
+        self, org_id: str, email: str, fields: Mapping[str, object], now_s: float
+    ) -> int | None:
+        """A new seat (or a removed one back); None when the email already has a seat."""
+        unknown = set(fields) - MEMBER_COLUMNS
+        if unknown:
+            raise ValueError(f"not a member setting: {sorted(unknown)}")
+        async with self._tx() as db:
+            row = await (
+                await db.execute(
+                    "SELECT id, removed FROM members WHERE org_id = ? AND email = ?",
+                    (org_id, email),
+                )
+            ).fetchone()
+            if row is not None and not row[1]:
+                return None
+            if row is None:
+                cursor = await db.execute(
+                    "INSERT INTO members (org_id, email, role, tier, created_at_s) "
+                    "VALUES (?, ?, 'member', 'standard', ?)",
+                    (org_id, email, now_s),
+                )
+                member_id = cursor.lastrowid
+            else:
+                member_id = row[0]
+                await db.execute("UPDATE members SET removed = 0 WHERE id = ?", (member_id,))
+            for column, value in fields.items():
+                await db.execute(
+                    f"UPDATE members SET {column} = ? WHERE id = ?", (value, member_id)
+                )
+            return member_id
+
+    @_atomic
+    async def update_member(self, org_id: str, email: str, fields: Mapping[str, object]) -> bool:
+        unknown = set(fields) - MEMBER_COLUMNS
+        if unknown:
+            raise ValueError(f"not a member setting: {sorted(unknown)}")
+        async with self._tx() as db:
+            for column, value in fields.items():
+                await db.execute(
+                    f"UPDATE members SET {column} = ? WHERE org_id = ? AND email = ? "
+                    "AND removed = 0",
+                    (value, org_id, email),
+                )
+            return True
+
+    @_atomic
+    async def remove_member(self, org_id: str, email: str, now_s: float) -> bool:
+        """The seat ends and its keys are revoked; its records and transfers stay."""
+        async with self._tx() as db:
+            cursor = await db.execute(
+                "UPDATE members SET removed = 1 WHERE org_id = ? AND email = ? AND removed = 0",
+                (org_id, email),
+            )
+            await db.execute(
+                "UPDATE keys SET revoked_at_s = ? WHERE revoked_at_s IS NULL AND member_id = "
+                "(SELECT id FROM members WHERE org_id = ? AND email = ?)",
+                (now_s, org_id, email),
+            )
+            return cursor.rowcount == 1
 
     async def member_id(self, org_id: str, email: str) -> int | None:
         rows = await self._read(

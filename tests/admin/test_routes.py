@@ -91,6 +91,9 @@ ROUTES = [
     ("PUT", "/admin/v1/orgs/acme/tiers/standard/limit", {"monthly_spend_limit_usd": 5}),
     ("POST", "/admin/v1/orgs/acme/credits", {"amount_usd": 1, "idempotency_key": "matrix"}),
     ("POST", "/admin/v1/orgs/acme/members/bob@acme.test/keys", None),
+    ("POST", "/admin/v1/orgs/acme/members", {"email": "erin@acme.test"}),
+    ("PATCH", "/admin/v1/orgs/acme/members/bob@acme.test", {"tier": "premium"}),
+    ("DELETE", "/admin/v1/orgs/acme/members/bob@acme.test", None),
 ]
 
 
@@ -259,3 +262,133 @@ async def test_openapi_document_lists_every_admin_route(admin) -> None:
         and r.resource.canonical != "/admin/v1/clock"
     }
     assert registered == documented
+
+
+@pytest.mark.parametrize("who", list(CALLERS))
+async def test_only_the_operator_creates_orgs(admin, who: str) -> None:
+    key, _ = CALLERS[who]
+    status, answer = await call(
+        admin,
+        "POST",
+        "/admin/v1/orgs",
+        key,
+        {"id": "gamma", "plan": "max", "timezone": "Europe/Rome"},
+    )
+    expected = {"operator": 201, "no_key": 401}.get(who, 403)
+    assert status == expected, answer
+    if who == "operator":
+        assert answer["plan"] == "max" and answer["timezone"] == "Europe/Rome"
+        assert answer["extra_usage"] == "off" and answer["balance_usd"] == "0"
+        status, again = await call(
+            admin, "POST", "/admin/v1/orgs", key, {"id": "gamma", "plan": "max"}
+        )
+        assert status == 409 and again["error"]["message"].startswith("id:")
+
+
+async def test_a_new_member_gets_a_key_once_and_removal_revokes_it(admin) -> None:
+    status, made = await call(
+        admin,
+        "POST",
+        "/admin/v1/orgs/acme/members",
+        ALICE_KEY,
+        {"email": "erin@acme.test", "tier": "premium", "extra_usage_consent": "always"},
+    )
+    assert status == 201
+    assert made["member"] == {
+        "email": "erin@acme.test",
+        "role": "member",
+        "tier": "premium",
+        "extra_usage": True,
+        "monthly_spend_limit_usd": None,
+        "extra_usage_consent": "always",
+    }
+    key = made["key"]
+    answer = await sdk(admin, key).messages.create(
+        model="claude-haiku-4-5", max_tokens=16, messages=PROMPT
+    )
+    assert answer.usage.output_tokens > 0
+    status, _ = await call(
+        admin, "POST", "/admin/v1/orgs/acme/members", ALICE_KEY, {"email": "erin@acme.test"}
+    )
+    assert status == 409
+    assert (await call(admin, "DELETE", "/admin/v1/orgs/acme/members/erin@acme.test", ALICE_KEY))[
+        0
+    ] == 200
+    with pytest.raises(anthropic.AuthenticationError):
+        await sdk(admin, key).messages.create(
+            model="claude-haiku-4-5", max_tokens=16, messages=PROMPT
+        )
+    status, org = await call(admin, "GET", "/admin/v1/orgs/acme", ALICE_KEY)
+    assert "erin@acme.test" not in [m["email"] for m in org["members"]]
+
+
+async def test_owners_cannot_touch_the_primary_owner(admin) -> None:
+    carol = "/admin/v1/orgs/acme/members/carol@acme.test"
+    assert (await call(admin, "PATCH", carol, ALICE_KEY, {"role": "member"}))[0] == 403
+    assert (await call(admin, "DELETE", carol, ALICE_KEY))[0] == 403
+    assert (
+        await call(
+            admin,
+            "PATCH",
+            "/admin/v1/orgs/acme/members/bob@acme.test",
+            ALICE_KEY,
+            {"role": "primary_owner"},
+        )
+    )[0] == 403
+    assert (
+        await call(
+            admin,
+            "POST",
+            "/admin/v1/orgs/acme/members",
+            ALICE_KEY,
+            {"email": "x@acme.test", "role": "primary_owner"},
+        )
+    )[0] == 403
+    # the primary owner and the operator can
+    status, changed = await call(
+        admin, "PATCH", "/admin/v1/orgs/acme/members/alice@acme.test", CAROL_KEY, {"role": "member"}
+    )
+    assert status == 200 and changed["member"]["role"] == "member"
+    # alice is a member now: her key no longer manages the org, at once
+    assert (await call(admin, "GET", "/admin/v1/orgs/acme", ALICE_KEY))[0] == 403
+    assert (await call(admin, "PATCH", carol, ADMIN_TOKEN, {"tier": "premium"}))[0] == 200
+
+
+async def test_member_changes_take_effect_on_the_next_request(admin) -> None:
+    status, changed = await call(
+        admin, "PATCH", "/admin/v1/orgs/acme/members/bob@acme.test", ALICE_KEY, {"tier": "premium"}
+    )
+    assert status == 200 and changed["member"]["tier"] == "premium"
+    raw = await sdk(admin, BOB_KEY).messages.with_raw_response.create(
+        model="claude-haiku-4-5", max_tokens=16, messages=PROMPT
+    )
+    assert raw.headers["x-usage-session-limit"] == "1"  # the premium tier's allowance
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "field"),
+    [
+        ("POST", "/admin/v1/orgs/acme/members", {"email": "not-an-email"}, "email"),
+        ("POST", "/admin/v1/orgs/acme/members", {"email": "e@acme.test", "tier": "gold"}, "tier"),
+        ("POST", "/admin/v1/orgs/acme/members", {"tier": "standard"}, "email"),
+        (
+            "POST",
+            "/admin/v1/orgs/acme/members",
+            {"email": "e@acme.test", "monthly_spend_limit_usd": 5},
+            "monthly_spend_limit_usd",
+        ),
+        ("PATCH", "/admin/v1/orgs/acme/members/bob@acme.test", {"role": "boss"}, "role"),
+        (
+            "PATCH",
+            "/admin/v1/orgs/acme/members/bob@acme.test",
+            {"extra_usage": "yes"},
+            "extra_usage",
+        ),
+        ("POST", "/admin/v1/orgs", {"id": "Bad Id!", "plan": "team"}, "id"),
+        ("POST", "/admin/v1/orgs", {"id": "ok", "plan": "gold"}, "plan"),
+    ],
+)
+async def test_bad_member_and_org_input_names_the_field(admin, method, path, body, field) -> None:
+    status, answer = await call(admin, method, path, ADMIN_TOKEN, body)
+    assert status == 400, answer
+    assert answer["error"]["message"].startswith(f"{field}:")
