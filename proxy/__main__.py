@@ -17,6 +17,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from proxy import admincli
 from proxy.app import create_app
 from proxy.auth import hash_key
 from proxy.clock import OffsetClock, SystemClock
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     verify.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     verify.add_argument("--json", action="store_true", help="print JSON")
+    admincli.add_commands(admin_commands)
 
     args = parser.parse_args(argv)
     try:
@@ -110,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             return _member_call(args, "GET", "/v1/usage")
         if args.command == "admin" and args.admin_command == "verify":
             return asyncio.run(_verify(load_settings(args.config), as_json=args.json))
+        if args.command == "admin":
+            return admincli.main(args)
     except ConfigError as exc:
         print(f"usage-proxy: config error: {exc}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TextIO
 
 import structlog
 
@@ -11,8 +12,10 @@ from proxy.exchange import Exchange
 from proxy.money import format_usd
 
 
-def configure_logging(level: str = "info", *, json: bool = True) -> None:
-    """JSON lines to stdout (one per event); called once by the CLI, never on import."""
+def configure_logging(
+    level: str = "info", *, json: bool = True, stream: TextIO = sys.stdout
+) -> None:
+    """JSON lines (one per event) to stdout; called once by the CLI, never on import."""
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -24,7 +27,7 @@ def configure_logging(level: str = "info", *, json: bool = True) -> None:
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
         ),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=True,
     )
 
