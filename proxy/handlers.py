@@ -110,10 +110,15 @@ async def messages(request: web.Request) -> web.StreamResponse:
             f"model: {ex.model!r} is not available through this proxy (it has no price here, so "
             "it cannot be metered). Use another model, or ask the proxy's operator to add it."
         )
-    if len(body) < THREAD_ESTIMATE_BYTES:
-        ex.input_tokens_estimate = app[TOKENS].request_input_tokens(call)
-    else:  # tiktoken releases the GIL: a large prompt must not stall every other request
-        ex.input_tokens_estimate = await asyncio.to_thread(app[TOKENS].request_input_tokens, call)
+    try:
+        if len(body) < THREAD_ESTIMATE_BYTES:
+            ex.input_tokens_estimate = app[TOKENS].request_input_tokens(call)
+        else:  # tiktoken releases the GIL: a large prompt must not stall every other request
+            ex.input_tokens_estimate = await asyncio.to_thread(
+                app[TOKENS].request_input_tokens, call
+            )
+    except RecursionError:
+        raise bad_request("messages: nested too deeply to be read.") from None
     await app[BILLING].admit(ex, continue_requested=wants_to_continue(request))
 
     upstream = app[UPSTREAM]
@@ -235,8 +240,8 @@ def parse_messages_call(body: bytes) -> dict[str, Any]:
     """Read what pricing needs (model, max_tokens, stream, the text); forward nothing re-encoded."""
     try:
         call = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise bad_request("The request body is not valid JSON.") from None
+    except (ValueError, RecursionError):  # decode errors are ValueErrors; RecursionError: nesting
+        raise bad_request("The request body is not valid JSON (or is nested too deeply).") from None
     if not isinstance(call, dict):
         raise bad_request("The request body must be a JSON object.")
     if not isinstance(call.get("model"), str) or not call["model"]:

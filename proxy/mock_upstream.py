@@ -523,7 +523,10 @@ def _required_model(payload: dict[str, Any]) -> str:
 
 def _text_tokens(payload: dict[str, Any]) -> int:
     """A deterministic input count: UTF-8 bytes of the strings of system, messages and tools / 4."""
-    size_bytes = sum(_string_bytes(payload.get(key)) for key in ("system", "messages", "tools"))
+    try:
+        size_bytes = sum(_string_bytes(payload.get(key)) for key in ("system", "messages", "tools"))
+    except RecursionError:
+        raise MockRequestInvalid("messages: nested too deeply") from None
     return max(1, size_bytes // 4)
 
 

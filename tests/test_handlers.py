@@ -234,3 +234,16 @@ async def test_a_large_prompt_is_estimated_and_reserved(proxy: TestServer) -> No
     [record] = await proxy.app[STORE].recent_requests(1)
     worst_output_nanos = 256 * 15_000
     assert record.reserved_nanos - worst_output_nanos >= 50_000 * 3_000
+
+
+@pytest.mark.parametrize("depth", [5_000, 900])
+async def test_deeply_nested_json_is_a_400_not_a_500(proxy: TestServer, depth: int) -> None:
+    nested = "[" * depth + "]" * depth
+    raw = (
+        '{"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": [{"role": "user", '
+        f'"content": {nested}}}]}}'
+    ).encode()
+    status, _, payload = await post_message(proxy, raw=raw)
+    assert status in (200, 400), payload
+    if status == 400:
+        assert error_of(payload)["type"] == "invalid_request_error"

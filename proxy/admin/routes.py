@@ -49,7 +49,9 @@ class Route:
     body: dict[str, Field] | None = None
     required: tuple[str, ...] = ()
     ok_status: int = 200
+    replay_status: int | None = None  # an idempotent replay answers this instead
     query: tuple[str, ...] = ()  # optional query parameters
+    csv: bool = False  # also answers text/csv (format=csv)
 
 
 ORG = "/admin/v1/orgs/{org}"
@@ -99,7 +101,8 @@ ROUTES = (
         "Buy prepaid credits (idempotent)",
         CREDITS,
         ("amount_usd", "idempotency_key"),
-        201,
+        ok_status=201,
+        replay_status=200,
     ),
     Route(
         "POST",
@@ -124,6 +127,7 @@ ROUTES = (
         "A month's statement (YYYY-MM): extra usage per member and model, credits, totals; "
         "format=csv for CSV",
         query=STATEMENT_QUERY,
+        csv=True,
     ),
 )
 
@@ -172,8 +176,21 @@ def openapi() -> dict[str, Any]:
             "responses": {
                 str(route.ok_status): {
                     "description": "ok",
-                    "content": {"application/json": {"schema": {"type": "object"}}},
+                    "content": {
+                        "application/json": {"schema": {"type": "object"}},
+                        **({"text/csv": {"schema": {"type": "string"}}} if route.csv else {}),
+                    },
                 },
+                **(
+                    {
+                        str(route.replay_status): {
+                            "description": "replayed: nothing new was done",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        }
+                    }
+                    if route.replay_status
+                    else {}
+                ),
                 **{str(code): error for code in (400, 401, 403, 404, 409)},
             },
         }

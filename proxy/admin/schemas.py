@@ -27,8 +27,8 @@ def read_body(raw: bytes, fields: Mapping[str, Field], *, required: tuple[str, .
     """Parse a JSON object whose keys are among `fields`; every problem names its field."""
     try:
         body = json.loads(raw or b"{}")
-    except (ValueError, UnicodeDecodeError):
-        raise bad_request("body: not valid JSON") from None
+    except (ValueError, RecursionError):  # decode errors are ValueErrors; RecursionError: nesting
+        raise bad_request("body: not valid JSON (or nested too deeply)") from None
     if not isinstance(body, dict):
         raise bad_request("body: must be a JSON object")
     for name in body:

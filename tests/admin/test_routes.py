@@ -392,3 +392,10 @@ async def test_bad_member_and_org_input_names_the_field(admin, method, path, bod
     status, answer = await call(admin, method, path, ADMIN_TOKEN, body)
     assert status == 400, answer
     assert answer["error"]["message"].startswith(f"{field}:")
+
+
+async def test_deeply_nested_json_body_is_a_400(admin) -> None:
+    status, answer = await call(
+        admin, "PATCH", "/admin/v1/orgs/acme", ADMIN_TOKEN, raw=b"[" * 100_000 + b"]" * 100_000
+    )
+    assert status == 400 and answer["error"]["message"].startswith("body:")
