@@ -84,6 +84,9 @@ def add_commands(admin: argparse._SubParsersAction) -> None:
     p.add_argument("org")
     p.add_argument("email")
     leaf(key, "revoke", "revoke a key by its prefix").add_argument("prefix")
+    p = leaf(key, "list", "a member's keys, by prefix")
+    p.add_argument("org")
+    p.add_argument("email")
 
     p = leaf(admin, "credits", "buy prepaid credits (idempotent)")
     p.add_argument("org")
@@ -165,6 +168,8 @@ def request_for(args: argparse.Namespace) -> Request:
     if command == "key":
         if verb == "issue":
             return "POST", f"{org}/members/{args.email}/keys", None
+        if verb == "list":
+            return "GET", f"{org}/members/{args.email}/keys", None
         return "DELETE", f"/admin/v1/keys/{args.prefix}", None
     if command == "credits":
         return (

@@ -16,7 +16,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from proxy.appkeys import METRICS
+from proxy.appkeys import METRICS, STORE
 from proxy.exchange import Exchange
 from proxy.tasks import Tasks
 
@@ -123,6 +123,12 @@ class Metrics:
             registry=r,
         )
         background.set_function(lambda: tasks.pending)
+        self.pending_reservations = Gauge(
+            "usage_proxy_pending_reservations",
+            "Admitted requests not yet settled (read from the store at each scrape; across "
+            "replicas when they share one).",
+            registry=r,
+        )
         # model -> its token counters in TOKEN_KINDS order (labels() costs ~2 us a call)
         self._tokens_by_model: dict[str, list[Counter]] = {}
 
@@ -175,6 +181,8 @@ def added_latency_s(ex: Exchange, duration_s: float) -> float | None:
 
 async def scrape(request: web.Request) -> web.Response:
     """GET /metrics: no authentication (no keys, prompts or emails in it): keep it internal."""
+    metrics = request.app[METRICS]
+    metrics.pending_reservations.set(await request.app[STORE].pending_count())
     response = web.Response(body=request.app[METRICS].exposition())
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return response

@@ -76,7 +76,7 @@ async def test_requests_tokens_and_cost_of_a_plain_and_a_streamed_request(proxy)
     assert metrics.value("usage_proxy_refusals_total", limit="session") == 0
 
 
-async def test_open_streams_counts_a_stream_while_it_is_relayed(proxy) -> None:
+async def test_open_streams_and_pending_reservations_while_a_stream_is_relayed(proxy) -> None:
     async with (
         aiohttp.ClientSession() as http,
         http.post(
@@ -86,10 +86,14 @@ async def test_open_streams_counts_a_stream_while_it_is_relayed(proxy) -> None:
         ) as response,
     ):
         await response.content.readuntil(b"\n\n")  # message_start: the stream is open
-        assert (await scrape(proxy)).value("usage_proxy_open_streams") == 1
+        during = await scrape(proxy)
+        assert during.value("usage_proxy_open_streams") == 1
+        assert during.value("usage_proxy_pending_reservations") == 1  # admitted, not settled
         await response.read()
     await settled(proxy)
-    assert (await scrape(proxy)).value("usage_proxy_open_streams") == 0
+    after = await scrape(proxy)
+    assert after.value("usage_proxy_open_streams") == 0
+    assert after.value("usage_proxy_pending_reservations") == 0
 
 
 async def test_a_quota_refusal_is_counted_by_its_limit(start_proxy) -> None:

@@ -23,6 +23,7 @@ from proxy.auth import hash_key, key_prefix, new_key
 from proxy.errors import bad_request
 from proxy.ledger import PREPAID_PLANS
 from proxy.money import format_usd
+from proxy.refusals import rfc3339
 from proxy.store.base import IdempotencyConflict, MemberView, OrgView
 
 
@@ -184,3 +185,24 @@ async def delete_key(request: web.Request) -> web.Response:
         raise conflict(f"prefix: {matched} live keys start with {prefix!r}; give more of it")
     request.app[KEYS].forget()
     return web.json_response({"revoked": prefix})
+
+
+async def get_member_keys(request: web.Request) -> web.Response:
+    """A member's keys, by their visible prefix only (the keys themselves are not kept)."""
+    org = await org_of(request)
+    email = request.match_info["email"]
+    if await request.app[STORE].member_id(org.id, email) is None:
+        raise not_found(f"email: no member {email!r} in {org.id!r}")
+    keys = await request.app[STORE].list_keys(org.id, email)
+    return web.json_response(
+        {
+            "keys": [
+                {
+                    "prefix": prefix,
+                    "created_at": rfc3339(created_s),
+                    "revoked_at": rfc3339(revoked_s) if revoked_s is not None else None,
+                }
+                for prefix, created_s, revoked_s in keys
+            ]
+        }
+    )

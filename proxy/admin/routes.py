@@ -13,6 +13,7 @@ from proxy.admin.members import create_member, delete_member, patch_member
 from proxy.admin.orgs import (
     create_org,
     delete_key,
+    get_member_keys,
     get_org,
     patch_org,
     post_credits,
@@ -111,6 +112,7 @@ ROUTES = (
         "Issue a key for a member (shown once)",
         ok_status=201,
     ),
+    Route("GET", ORG + "/members/{email}/keys", get_member_keys, "A member's keys, by prefix only"),
     Route("DELETE", "/admin/v1/keys/{prefix}", delete_key, "Revoke a key by its prefix"),
     Route(
         "GET",

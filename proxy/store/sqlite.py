@@ -1004,6 +1004,19 @@ class SqliteStore:
             )
             return cursor.rowcount == 1
 
+    async def pending_count(self) -> int:
+        rows = await self._read("SELECT COUNT(*) FROM requests WHERE status = 'pending'")
+        return rows[0][0]
+
+    async def list_keys(self, org_id: str, email: str) -> list[tuple[str, float, float | None]]:
+        """A member's keys as (prefix, created_at_s, revoked_at_s): never more than the prefix."""
+        rows = await self._read(
+            "SELECT k.prefix, k.created_at_s, k.revoked_at_s FROM keys k JOIN members m "
+            "ON m.id = k.member_id WHERE m.org_id = ? AND m.email = ? ORDER BY k.created_at_s",
+            (org_id, email),
+        )
+        return [tuple(row) for row in rows]
+
     async def member_id(self, org_id: str, email: str) -> int | None:
         rows = await self._read(
             "SELECT id FROM members WHERE org_id = ? AND email = ? AND removed = 0",

@@ -91,6 +91,7 @@ ROUTES = [
     ("PUT", "/admin/v1/orgs/acme/tiers/standard/limit", {"monthly_spend_limit_usd": 5}),
     ("POST", "/admin/v1/orgs/acme/credits", {"amount_usd": 1, "idempotency_key": "matrix"}),
     ("POST", "/admin/v1/orgs/acme/members/bob@acme.test/keys", None),
+    ("GET", "/admin/v1/orgs/acme/members/bob@acme.test/keys", None),
     ("POST", "/admin/v1/orgs/acme/members", {"email": "erin@acme.test"}),
     ("PATCH", "/admin/v1/orgs/acme/members/bob@acme.test", {"tier": "premium"}),
     ("DELETE", "/admin/v1/orgs/acme/members/bob@acme.test", None),
@@ -399,3 +400,35 @@ async def test_deeply_nested_json_body_is_a_400(admin) -> None:
         admin, "PATCH", "/admin/v1/orgs/acme", ADMIN_TOKEN, raw=b"[" * 100_000 + b"]" * 100_000
     )
     assert status == 400 and answer["error"]["message"].startswith("body:")
+
+
+async def test_keys_are_listed_by_prefix_only(admin) -> None:
+    status, issued = await call(
+        admin, "POST", "/admin/v1/orgs/acme/members/bob@acme.test/keys", ALICE_KEY
+    )
+    await call(admin, "DELETE", f"/admin/v1/keys/{issued['prefix']}", ALICE_KEY)
+    status, listed = await call(
+        admin, "GET", "/admin/v1/orgs/acme/members/bob@acme.test/keys", ALICE_KEY
+    )
+    assert status == 200
+    assert [k["prefix"] for k in listed["keys"]] == [BOB_KEY[:12], issued["prefix"]]
+    assert listed["keys"][0]["revoked_at"] is None and listed["keys"][1]["revoked_at"]
+    assert issued["key"] not in json.dumps(listed) and BOB_KEY not in json.dumps(listed)
+
+
+async def test_readyz_reports_the_store(aiohttp_server, config, upstream) -> None:
+    from proxy.app import create_app
+    from proxy.appkeys import STORE
+
+    app = create_app(config.settings(upstream_url=str(upstream.make_url("")).rstrip("/")))
+    server = await aiohttp_server(app)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(server.make_url("/readyz")) as response:
+            assert response.status == 200
+        async with http.get(server.make_url("/healthz")) as response:
+            assert response.status == 200
+        await app[STORE].close()  # the store goes away
+        async with http.get(server.make_url("/readyz")) as response:
+            assert response.status == 503
+        async with http.get(server.make_url("/healthz")) as response:
+            assert response.status == 200  # the process itself is fine
