@@ -26,7 +26,6 @@ from proxy.store.base import Statement, UsageRow
 GROUPS = ("member", "model", "day")
 USAGE_QUERY = ("from", "to", "group_by")
 STATEMENT_QUERY = ("format",)
-MAX_DAYS = 366
 # Posted requests are summed in SQL per slice of this many seconds, then the slices are put on
 # local dates here: exact whenever every UTC offset of the zone is a multiple of it (all current
 # zones are on a 15-minute grid); otherwise slices of one second are used.
@@ -125,8 +124,6 @@ async def get_usage(request: web.Request) -> web.Response:
     first = parse_date("from", params["from"]) if "from" in params else last.replace(day=1)
     if first > last:
         raise bad_request(f"from: {first} is after to ({last})")
-    if (last - first).days + 1 > MAX_DAYS:
-        raise bad_request(f"from: a report covers at most {MAX_DAYS} days (from..to inclusive)")
     group_by = params.get("group_by", "member")
     if group_by not in GROUPS:
         raise bad_request(f"group_by: must be one of {', '.join(GROUPS)}, not {group_by!r}")

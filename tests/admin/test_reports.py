@@ -218,7 +218,6 @@ def test_day_slices_never_straddle_a_local_midnight() -> None:
         ({"to": "20260105"}, "to"),
         ({"to": "yesterday"}, "to"),
         ({"from": "2026-01-06", "to": "2026-01-05"}, "from"),
-        ({"from": "2025-01-01", "to": "2026-01-02"}, "from"),  # 367 days
         ({"group_by": "week"}, "group_by"),
         ({"colour": "red"}, "colour"),
     ],
@@ -229,11 +228,11 @@ async def test_bad_usage_parameters_are_400_naming_the_parameter(reports, params
     assert _message(text).startswith(f"{name}:")
 
 
-async def test_a_year_is_the_longest_report(reports) -> None:
+async def test_any_date_range(reports) -> None:
     status, _, text = await fetch(
-        reports, "/admin/v1/orgs/acme/usage", **{"from": "2025-01-02", "to": "2026-01-02"}
+        reports, "/admin/v1/orgs/acme/usage", **{"from": "2020-01-01", "to": "2029-12-31"}
     )
-    assert status == 200, text  # 366 days
+    assert status == 200, text
 
 
 # ---- statements ---------------------------------------------------------------------------
