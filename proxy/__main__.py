@@ -18,6 +18,7 @@ from pathlib import Path
 from aiohttp import web
 
 from proxy import admincli
+from proxy.admincli import DEFAULT_URL
 from proxy.app import create_app
 from proxy.auth import hash_key
 from proxy.clock import OffsetClock, SystemClock
@@ -29,7 +30,6 @@ from proxy.settings import Settings, load_settings
 from proxy.store import open_store
 
 DEFAULT_CONFIG = Path("config/proxy.toml")
-DEFAULT_URL = "http://127.0.0.1:8787"
 DEMO_UPSTREAM_KEY = "sk-demo-upstream-key"
 DEMO_MEMBER_KEY = "sk-demo-alice-0000000000000002"  # alice in config/demo-orgs.toml
 

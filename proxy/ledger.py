@@ -278,6 +278,7 @@ class ExtraFunds:
     accounts: tuple[Account, ...]
     timezone: str = "UTC"
     member_spent_nanos: int = 0  # the member's extra usage posted this month
+    reservation: str = "worst_case"  # the org's rule: "worst_case" | "expected"
 
     def account(self, *names: str) -> Account | None:
         return next((a for a in self.accounts if a.name in names), None)

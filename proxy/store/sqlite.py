@@ -145,7 +145,7 @@ class SqliteStore:
             tier, member = await self._member(db, r.member_id, tiers)
             windows = current_windows(tier, await self._windows(db, r.member_id), r.created_at_s)
             funds = await self._funds(db, r.member_id, r.created_at_s)
-            amount_nanos = await self._reservation(db, r)
+            amount_nanos = await self._reservation(db, r, funds.reservation)
             decision: Admitted | Blocked | Unaffordable = ledger.admit(
                 windows,
                 tier,
@@ -205,12 +205,9 @@ class SqliteStore:
                 )
             return Admission(decision, windows, member, funds)
 
-    async def _reservation(self, db: aiosqlite.Connection, r: AdmissionRequest) -> int:
+    async def _reservation(self, db: aiosqlite.Connection, r: AdmissionRequest, mode: str) -> int:
         """What to reserve: the worst case, or the org's `expected` estimate."""
-        mode = await (
-            await db.execute("SELECT reservation FROM orgs WHERE id = ?", (r.org_id,))
-        ).fetchone()
-        if mode[0] != "expected":
+        if mode != "expected":
             return r.worst_case_nanos
         recent = await (
             await db.execute(
@@ -418,16 +415,25 @@ class SqliteStore:
         row = await (
             await db.execute(
                 """SELECT o.id, o.plan, o.timezone, o.monthly_limit_nanos, o.balance_nanos,
-                      o.balance_reserved_nanos, m.monthly_limit_nanos, tl.monthly_limit_nanos
+                      o.balance_reserved_nanos, m.monthly_limit_nanos, tl.monthly_limit_nanos,
+                      o.reservation
                FROM members m JOIN orgs o ON o.id = m.org_id
                LEFT JOIN tier_limits tl ON tl.org_id = o.id AND tl.tier = m.tier
                WHERE m.id = ?""",
                 (member_id,),
             )
         ).fetchone()
-        (org_id, plan, timezone, org_limit, balance, balance_reserved, member_limit, tier_limit) = (
-            row
-        )
+        (
+            org_id,
+            plan,
+            timezone,
+            org_limit,
+            balance,
+            balance_reserved,
+            member_limit,
+            tier_limit,
+            reservation,
+        ) = row
         month = month_of(now_s, timezone)
         spent = {
             who: (posted, reserved)
@@ -448,7 +454,9 @@ class SqliteStore:
         if prepaid:
             accounts.append(Account(BALANCE, balance, 0, balance_reserved))
         member_spent_nanos = spent.get(member_id, (0, 0))[0]
-        return ExtraFunds(month, prepaid, tuple(accounts), timezone, member_spent_nanos)
+        return ExtraFunds(
+            month, prepaid, tuple(accounts), timezone, member_spent_nanos, reservation
+        )
 
     @_atomic
     async def purchase(
@@ -903,9 +911,7 @@ class SqliteStore:
     ) -> bool:
         """Change org settings (columns named as in the orgs table); for extra usage on
         selected members, `extra_usage_members` lists them."""
-        unknown = set(changes) - ORG_COLUMNS
-        if unknown:
-            raise ValueError(f"not an org setting: {sorted(unknown)}")
+        _only(changes, ORG_COLUMNS, "org")
         async with self._tx() as db:
             exists = await (
                 await db.execute("SELECT 1 FROM orgs WHERE id = ?", (org_id,))
@@ -947,9 +953,7 @@ class SqliteStore:
         self, org_id: str, email: str, fields: Mapping[str, object], now_s: float
     ) -> int | None:
         """A new seat (or a removed one back); None when the email already has a seat."""
-        unknown = set(fields) - MEMBER_COLUMNS
-        if unknown:
-            raise ValueError(f"not a member setting: {sorted(unknown)}")
+        _only(fields, MEMBER_COLUMNS, "member")
         async with self._tx() as db:
             row = await (
                 await db.execute(
@@ -977,9 +981,7 @@ class SqliteStore:
 
     @_atomic
     async def update_member(self, org_id: str, email: str, fields: Mapping[str, object]) -> bool:
-        unknown = set(fields) - MEMBER_COLUMNS
-        if unknown:
-            raise ValueError(f"not a member setting: {sorted(unknown)}")
+        _only(fields, MEMBER_COLUMNS, "member")
         async with self._tx() as db:
             for column, value in fields.items():
                 await db.execute(
@@ -1080,3 +1082,10 @@ def _statements(script: str) -> list[str]:
 def _nanos(limit: int | str | None) -> int | None:
     """A declared limit as stored: nanos, or NULL for "unlimited"."""
     return None if limit == "unlimited" else limit  # type: ignore[return-value]
+
+
+def _only(columns: Mapping[str, object], allowed: frozenset[str], what: str) -> None:
+    """Column names are put into SQL: only the known settings may pass."""
+    unknown = set(columns) - allowed
+    if unknown:
+        raise ValueError(f"not a {what} setting: {sorted(unknown)}")
