@@ -28,6 +28,7 @@ from proxy.mock_upstream import create_mock_app
 from proxy.orgfile import load_orgs
 from proxy.settings import Settings, load_settings
 from proxy.store import open_store
+from proxy.store.base import StoreUnavailable
 
 DEFAULT_CONFIG = Path("config/proxy.toml")
 DEMO_UPSTREAM_KEY = "sk-demo-upstream-key"
@@ -117,12 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"usage-proxy: config error: {exc}", file=sys.stderr)
         return 2
+    except StoreUnavailable as exc:
+        print(f"usage-proxy: store error: {exc}", file=sys.stderr)
+        return 1
     return 2
 
 
 async def _verify(settings: Settings, *, as_json: bool) -> int:
     """Recompute balances from transfers; exit 0 only when all agree and nothing is stale."""
-    store = await open_store(settings.store.url)
+    store = await open_store(settings.store)
     try:
         result = await store.verify(SystemClock().now_s())
     finally:

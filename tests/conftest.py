@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-from collections.abc import Callable
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -20,6 +23,10 @@ from proxy.clock import FakeClock
 from proxy.mock_upstream import create_mock_app
 from proxy.settings import Settings, load_settings
 
+# The machine's PostgreSQL (trust auth); tests that need it get a schema of their own on it.
+POSTGRES_URL = os.environ.get(
+    "USAGE_PROXY_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
+)
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 UPSTREAM_KEY = "sk-ant-test-upstream-key-never-shown"
 ADMIN_TOKEN = "test-operator-token-0123456789"
@@ -56,6 +63,32 @@ def _no_anthropic_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("ANTHROPIC_"):
             monkeypatch.delenv(name)
+
+
+@asynccontextmanager
+async def postgres_schema() -> AsyncIterator[str]:
+    """A store URL on a fresh schema of the local PostgreSQL, dropped afterwards. The test is
+    skipped when no server answers, unless USAGE_PROXY_REQUIRE_POSTGRES=1 (CI) fails it."""
+    try:
+        admin = await asyncpg.connect(POSTGRES_URL, timeout=5)
+    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        reason = f"PostgreSQL not reachable at {POSTGRES_URL}: {exc}"
+        if os.environ.get("USAGE_PROXY_REQUIRE_POSTGRES") == "1":
+            pytest.fail(reason + " (USAGE_PROXY_REQUIRE_POSTGRES=1)")
+        pytest.skip(reason)
+    schema = f"test_{uuid.uuid4().hex[:16]}"
+    await admin.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield f"{POSTGRES_URL}?search_path={schema}"
+    finally:
+        await admin.execute(f"DROP SCHEMA {schema} CASCADE")
+        await admin.close()
+
+
+@pytest.fixture
+async def postgres_url() -> AsyncIterator[str]:
+    async with postgres_schema() as url:
+        yield url
 
 
 @dataclass
