@@ -96,6 +96,7 @@ class ConfigFactory:
     """Writes a config directory (real pricing and plans, given orgs) and loads it."""
 
     root: Path
+    store_url: str = "sqlite:///proxy.db"
 
     def write(
         self,
@@ -120,7 +121,7 @@ class ConfigFactory:
         path.write_text(
             f"[server]\n{server}\n"
             f'[upstream]\nbase_url = "{upstream_url}"\n{upstream}\n'
-            f'[store]\nurl = "sqlite:///proxy.db"\n'
+            f'[store]\nurl = "{self.store_url}"\n'
             f'[files]\norgs = "orgs.toml"\n{tables}'
         )
         return path
@@ -130,9 +131,24 @@ class ConfigFactory:
         return load_settings(self.write(**kwargs), env=env)
 
 
+def _test_stores() -> list[str]:
+    """The backends the proxy tests run on: SQLite, and PostgreSQL as well with
+    USAGE_PROXY_TEST_STORES=sqlite,postgresql (CI sets it)."""
+    return os.environ.get("USAGE_PROXY_TEST_STORES", "sqlite").split(",")
+
+
+@pytest.fixture(params=_test_stores())
+async def store_url(request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    if request.param == "postgresql":
+        async with postgres_schema() as url:
+            yield url
+    else:
+        yield "sqlite:///proxy.db"
+
+
 @pytest.fixture
-def config(tmp_path: Path) -> ConfigFactory:
-    return ConfigFactory(tmp_path / "config")
+def config(tmp_path: Path, store_url: str) -> ConfigFactory:
+    return ConfigFactory(tmp_path / "config", store_url)
 
 
 @pytest.fixture
@@ -167,6 +183,17 @@ async def start_proxy(
         await asyncio.sleep(0.05)  # settlements run just after the response
         verification = await server.app[STORE].verify(clock.now_s())
         assert verification.mismatches == (), verification.mismatches
+
+
+async def settled(proxy: TestServer, count: int = 1, timeout_s: float = 5.0):
+    """The newest `count` request records once none is pending (settlement runs after relay)."""
+    store = proxy.app[STORE]
+    for _ in range(int(timeout_s / 0.02)):
+        records = await store.recent_requests(count)
+        if len(records) == count and all(r.status != "pending" for r in records):
+            return records
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"requests not settled: {await store.recent_requests(count)}")
 
 
 @pytest.fixture

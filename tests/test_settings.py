@@ -181,12 +181,13 @@ async def test_orgs_file_applies_idempotently_and_keeps_later_changes(tmp_path: 
 
 
 async def test_admin_verify_reports_a_balance_that_differs_from_its_transfers(
-    config: ConfigFactory,
+    tmp_path: Path,
 ) -> None:
     import asyncio
     import json
     import sqlite3
 
+    config = ConfigFactory(tmp_path / "config")  # SQLite: the test edits the file directly
     settings = config.settings()
     path = settings.store.url.removeprefix("sqlite:///")
     store = await open_sqlite(path)
