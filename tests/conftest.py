@@ -105,10 +105,11 @@ class ConfigFactory:
         orgs: str = DEFAULT_ORGS,
         server: str = "",
         upstream: str = "",
+        store: str = "",
         tables: str = "",
         plans: str | None = None,
     ) -> Path:
-        """`server` and `upstream` are extra TOML lines for those tables of proxy.toml;
+        """`server`, `upstream` and `store` are extra TOML lines for those tables of proxy.toml;
         `tables` adds whole tables."""
         self.root.mkdir(parents=True, exist_ok=True)
         shutil.copy(CONFIG_DIR / "pricing.toml", self.root / "pricing.toml")
@@ -121,7 +122,7 @@ class ConfigFactory:
         path.write_text(
             f"[server]\n{server}\n"
             f'[upstream]\nbase_url = "{upstream_url}"\n{upstream}\n'
-            f'[store]\nurl = "{self.store_url}"\n'
+            f'[store]\nurl = "{self.store_url}"\n{store}\n'
             f'[files]\norgs = "orgs.toml"\n{tables}'
         )
         return path
