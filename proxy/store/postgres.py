@@ -35,6 +35,13 @@ UNREACHABLE = (
 )
 RETRYABLE = (asyncpg.exceptions.SerializationError, asyncpg.exceptions.DeadlockDetectedError)
 
+IDENTITY_COLUMNS = (
+    ("members", "id"),
+    ("transfers", "id"),
+    ("requests", "rowid"),
+    ("alerts", "rowid"),
+)
+
 _PLACEHOLDER = re.compile(r"'[^']*'|\?(\d*)")
 
 
@@ -100,6 +107,9 @@ class PostgresTx:
         last = status.rsplit(" ", 1)[-1]
         return int(last) if last.isdigit() else 0
 
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        await self._conn.executemany(self._sql(sql), rows)
+
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         return await self._conn.fetch(self._sql(sql), *params)
 
@@ -153,6 +163,22 @@ class PostgresDatabase:
 
     def retryable(self, exc: BaseException) -> bool:
         return isinstance(exc, RETRYABLE)
+
+    async def columns(self, table: str) -> list[str]:
+        async with self.reading() as tx:
+            rows = await tx.fetch(
+                "SELECT column_name FROM information_schema.columns WHERE table_schema = "
+                "current_schema() AND table_name = ? ORDER BY ordinal_position",
+                (table,),
+            )
+        return [row[0] for row in rows]
+
+    async def after_copy(self, tx: PostgresTx) -> None:
+        for table, column in IDENTITY_COLUMNS:
+            await tx.fetch(
+                f"SELECT setval(pg_get_serial_sequence('{table}', '{column}'), "
+                f"(SELECT COALESCE(MAX({column}), 0) + 1 FROM {table}), false)"
+            )
 
     async def migrate(self) -> None:
         """Apply the scripts not applied yet; replicas that start at once take turns."""

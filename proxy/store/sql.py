@@ -87,6 +87,8 @@ class Tx(Protocol):
         """Run a statement; how many rows it changed."""
         ...
 
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None: ...
+
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]: ...
 
     async def fetchrow(self, sql: str, params: Sequence[Any] = ()) -> Any | None: ...
@@ -115,6 +117,12 @@ class Database(Protocol):
 
     def retryable(self, exc: BaseException) -> bool:
         """A transaction that failed this way did nothing and may simply run again."""
+        ...
+
+    async def columns(self, table: str) -> list[str]: ...
+
+    async def after_copy(self, tx: Tx) -> None:
+        """After rows were copied in with their ids: make new ids start past them."""
         ...
 
     async def ping(self) -> None: ...
@@ -148,6 +156,11 @@ class SqlStore:
 
     def __init__(self, db: Database) -> None:
         self._db = db
+
+    @property
+    def database(self) -> Database:
+        """The backend itself, for whole-store operations (store/move.py)."""
+        return self._db
 
     async def find_seat(self, key_sha256: str) -> Seat | None:
         rows = await self._read(

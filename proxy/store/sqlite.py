@@ -45,6 +45,9 @@ class SqliteTx:
         cursor = await self._conn.execute(sql, params)
         return cursor.rowcount
 
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        await self._conn.executemany(sql, rows)
+
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         return list(await self._conn.execute_fetchall(sql, params))
 
@@ -84,6 +87,13 @@ class SqliteDatabase:
 
     def retryable(self, exc: BaseException) -> bool:
         return False  # transactions run one at a time: none can lose a race
+
+    async def columns(self, table: str) -> list[str]:
+        async with self.reading() as tx:
+            return [row[1] for row in await tx.fetch(f"PRAGMA table_info({table})")]
+
+    async def after_copy(self, tx: SqliteTx) -> None:
+        """AUTOINCREMENT follows the largest id inserted by itself."""
 
     async def migrate(self) -> None:
         folder = resources.files("proxy.store") / "migrations" / "sqlite"
