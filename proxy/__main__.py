@@ -124,6 +124,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "admin" and args.admin_command == "verify":
             return asyncio.run(_verify(load_settings(args.config), as_json=args.json))
         if args.command == "admin" and args.admin_command == "migrate-store":
+            problem = _store_url_problem(
+                "--from", args.source, must_exist=True
+            ) or _store_url_problem("--to", args.target, must_exist=False)
+            if problem:
+                print(f"usage-proxy: {problem}", file=sys.stderr)
+                return 2
             return asyncio.run(_migrate_store(args.source, args.target, as_json=args.json))
         if args.command == "admin":
             return admincli.main(args)
@@ -161,13 +167,16 @@ async def _verify(settings: Settings, *, as_json: bool) -> int:
     return 0 if not result.mismatches and not result.pending_reservations else 1
 
 
+def _store_url_problem(flag: str, url: str, *, must_exist: bool) -> str | None:
+    if not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
+        return f"{flag}: must start with sqlite:/// or postgresql://"
+    path = url.removeprefix("sqlite:///")
+    if must_exist and url.startswith("sqlite:///") and not Path(path).is_file():
+        return f"{flag}: no such file {path}"
+    return None
+
+
 async def _migrate_store(source_url: str, target_url: str, *, as_json: bool) -> int:
-    for name, url in (("--from", source_url), ("--to", target_url)):
-        if not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
-            print(
-                f"usage-proxy: {name}: must start with sqlite:/// or postgresql://", file=sys.stderr
-            )
-            return 2
     source = await open_store(StoreSettings(url=source_url))
     try:
         target = await open_store(StoreSettings(url=target_url))

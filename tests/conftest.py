@@ -132,15 +132,18 @@ class ConfigFactory:
         return load_settings(self.write(**kwargs), env=env)
 
 
-def _test_stores() -> list[str]:
-    """The backends the proxy tests run on: SQLite, and PostgreSQL as well with
-    USAGE_PROXY_TEST_STORES=sqlite,postgresql (CI sets it)."""
-    return os.environ.get("USAGE_PROXY_TEST_STORES", "sqlite").split(",")
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests of a module marked `both_stores` run on SQLite and on PostgreSQL."""
+    if "store_url" in metafunc.fixturenames and metafunc.definition.get_closest_marker(
+        "both_stores"
+    ):
+        metafunc.parametrize("store_url", ["sqlite", "postgresql"], indirect=True)
 
 
-@pytest.fixture(params=_test_stores())
+@pytest.fixture
 async def store_url(request: pytest.FixtureRequest) -> AsyncIterator[str]:
-    if request.param == "postgresql":
+    """The store of the proxy under test: SQLite, unless parametrized (`both_stores`)."""
+    if getattr(request, "param", "sqlite") == "postgresql":
         async with postgres_schema() as url:
             yield url
     else:

@@ -9,6 +9,8 @@ from aiohttp.test_utils import TestServer
 
 from tests.conftest import ALICE_KEY, settled
 
+pytestmark = pytest.mark.both_stores  # every test here on both stores
+
 # A scripted usage and its cost at the seed table's Sonnet 4.5 prices, computed by hand:
 # 1000 input x $3 + 200 output x $15 + 5000 cache read x $0.30 + 300 5m write x $3.75
 # + 100 1h write x $6 (per MTok) = 3,000,000 + 3,000,000 + 1,500,000 + 1,125,000 + 600,000 nanos.

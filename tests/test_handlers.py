@@ -13,6 +13,8 @@ from structlog.testing import capture_logs
 from proxy.appkeys import STORE
 from tests.conftest import ALICE_KEY, REVOKED_KEY, UPSTREAM_KEY, settled
 
+pytestmark = pytest.mark.both_stores  # every test here on both stores
+
 MESSAGE = {
     "model": "claude-sonnet-4-5",
     "max_tokens": 256,

@@ -40,6 +40,8 @@ def test_upstream_key_is_never_in_repr(config: ConfigFactory) -> None:
         ({"server": 'port = "80"'}, "server.port", "expected a number"),
         ({"server": "colour = 1"}, "server.colour", "unknown key"),
         ({"upstream_url": "ftp://x"}, "upstream.base_url", "http"),
+        ({"store": "pool_size = 0"}, "store.pool_size", "at least 1"),
+        ({"store": "pool_timeout_s = -1"}, "store.pool_timeout_s", "at least"),
         ({"tables": "[alerts]\nthresholds_pct = [50, 150]\n"}, "alerts.thresholds_pct", "1 to 100"),
         (
             {"plans": "[tiers.standard]\nsession_window_hours = 5\n"},
