@@ -47,7 +47,7 @@ from proxy.auth import hash_key
 from proxy.errors import Refusal, bad_request
 from proxy.handlers import continue_for, usage_of
 from proxy.ledger import PREPAID_PLANS
-from proxy.money import MoneyError, usd_to_nanos
+from proxy.money import MoneyError, format_usd, usd_to_nanos
 from proxy.refusals import reset_phrase
 from proxy.store.base import OrgView, Seat
 from proxy.ui.chart import daily_chart
@@ -658,7 +658,7 @@ def setup(app: web.Application) -> None:
         loader=jinja2.PackageLoader("proxy", "templates"),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
-        filters={"usd": _usd_filter, "tier_name": str.capitalize},
+        filters={"usd": _usd_filter, "tier_name": str.capitalize, "share": _share_filter},
     )
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)
@@ -668,6 +668,11 @@ def setup(app: web.Application) -> None:
 
 async def _to_home(request: web.Request) -> web.Response:
     return redirect("/ui/")
+
+
+def _share_filter(usd: str, pct: int) -> str:
+    """`pct` percent of a USD string, for a meter's low / high marks: "5" | share(90) -> "4.5"."""
+    return format_usd(_nanos(usd) * pct // 100)
 
 
 def _usd_filter(value: str | None) -> str:
