@@ -21,6 +21,7 @@ from aiohttp import web
 from multidict import MultiDictProxy
 
 from proxy.admin.access import (
+    OWNER_ROLES,
     Caller,
     authorised_org,
     is_operator_token,
@@ -44,10 +45,10 @@ from proxy.admin.schemas import (
 )
 from proxy.appkeys import CLOCK, EXCHANGE, KEYS, SESSIONS, SETTINGS, STORE
 from proxy.auth import hash_key
-from proxy.errors import Refusal, bad_request
+from proxy.errors import Refusal
 from proxy.handlers import continue_for, usage_of
 from proxy.ledger import PREPAID_PLANS
-from proxy.money import MoneyError, format_usd, usd_to_nanos
+from proxy.money import format_usd, usd_to_nanos
 from proxy.refusals import reset_phrase
 from proxy.store.base import OrgView, Seat
 from proxy.ui.chart import daily_chart
@@ -138,7 +139,9 @@ def action(handler: Action) -> Callable[[web.Request], Awaitable[web.StreamRespo
         form = await request.post()
         if visitor is None:
             return error_page(
-                request, None, Refusal(401, "authentication_error", SIGNED_OUT, outcome="ui")
+                request,
+                None,
+                Refusal(401, "authentication_error", SIGNED_OUT, outcome="unauthenticated"),
             )
         if not visitor.session.csrf_ok(form.get(CSRF_FIELD)):
             return error_page(request, visitor, _csrf_refusal())
@@ -181,7 +184,7 @@ def render(
             "email": seat.email if seat else None,
             "role": seat.role if seat else None,
             "org": seat.org_id if seat else None,
-            "owner": seat is None or seat.role in ("owner", "primary_owner"),
+            "owner": seat is None or seat.role in OWNER_ROLES,
         }
     response = aiohttp_jinja2.render_template(
         template,
@@ -297,7 +300,7 @@ async def home(request: web.Request, visitor: Visitor) -> web.StreamResponse:
         if wanted:
             return redirect(f"/ui/orgs/{quote(wanted, safe='')}")
         return render(request, "operator.html", visitor, {})
-    if visitor.seat.role in ("owner", "primary_owner"):
+    if visitor.seat.role in OWNER_ROLES:
         return redirect(f"/ui/orgs/{visitor.seat.org_id}")
     return redirect("/ui/me")
 
@@ -386,9 +389,14 @@ async def members(request: web.Request, visitor: Visitor) -> web.Response:
         if member_id is None:  # removed between the two reads
             continue
         seat = Seat(
-            member_id, org.id, member["email"], member["role"], member["tier"], org.plan,
-            org.timezone,
-        )  # fmt: skip
+            member_id=member_id,
+            org_id=org.id,
+            email=member["email"],
+            role=member["role"],
+            tier=member["tier"],
+            plan=org.plan,
+            timezone=org.timezone,
+        )
         rows.append({**member, "usage": await usage_of(request.app, seat)})
     return render(
         request, "members.html", visitor, {**_org_context(request, org, "members"), "rows": rows}
@@ -570,18 +578,11 @@ def _bar(kind: str, window: Mapping[str, Any] | None, timezone: str) -> dict[str
         "name": WINDOW_NAMES[kind],
         "id": kind,
         **window,
-        "exhausted": resets_at is not None and _nanos(window["remaining_usd"]) == 0,
+        "exhausted": resets_at is not None and usd_to_nanos(window["remaining_usd"]) == 0,
         "resets": None
         if resets_at is None
         else reset_phrase(datetime.fromisoformat(resets_at).timestamp(), timezone),
     }
-
-
-def _nanos(usd: str) -> int:
-    try:
-        return usd_to_nanos(usd)
-    except MoneyError:
-        raise bad_request(f"not an amount: {usd!r}") from None
 
 
 @page
@@ -672,7 +673,7 @@ async def _to_home(request: web.Request) -> web.Response:
 
 def _share_filter(usd: str, pct: int) -> str:
     """`pct` percent of a USD string, for a meter's low / high marks: "5" | share(90) -> "4.5"."""
-    return format_usd(_nanos(usd) * pct // 100)
+    return format_usd(usd_to_nanos(usd) * pct // 100)
 
 
 def _usd_filter(value: str | None) -> str:
