@@ -85,7 +85,7 @@ def create_app(
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    store = await open_store(settings.store.url)
+    store = await open_store(settings.store)
     try:
         if settings.orgs_file is not None:
             await store.apply_orgs(

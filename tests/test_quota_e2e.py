@@ -14,8 +14,8 @@ from aiohttp.test_utils import TestServer
 from structlog.testing import capture_logs
 from yarl import URL
 
-from tests.conftest import ALICE_KEY, BOB_KEY, DEFAULT_ORGS
-from tests.test_e2e_sdk import PROMPT, sdk, settled
+from tests.conftest import ALICE_KEY, BOB_KEY, DEFAULT_ORGS, settled
+from tests.test_e2e_sdk import PROMPT, sdk
 
 # $0.01 a session: one scripted request (1000 in + 200 out on Sonnet 4.5) costs $0.006.
 SMALL_PLANS = """
