@@ -38,6 +38,7 @@ from proxy.settings import Settings
 from proxy.store import open_store
 from proxy.tasks import Tasks
 from proxy.tokens import TokenCounter
+from proxy.ui import views as ui_views
 from proxy.upstream import Upstream
 
 log = structlog.get_logger("proxy.app")
@@ -78,6 +79,7 @@ def create_app(
         app.router.add_post("/admin/v1/clock", _advance_clock)
     app.router.add_route("*", "/v1/{tail:.*}", handlers.passthrough)
     admin_routes.setup(app)
+    ui_views.setup(app)  # the web pages under /ui/
     return app
 
 
