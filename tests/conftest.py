@@ -17,7 +17,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from proxy.app import create_app
-from proxy.appkeys import STORE
+from proxy.appkeys import STORE, TASKS
 from proxy.billing import PaymentProvider
 from proxy.clock import FakeClock
 from proxy.mock_upstream import create_mock_app
@@ -198,6 +198,16 @@ async def settled(proxy: TestServer, count: int = 1, timeout_s: float = 5.0):
             return records
         await asyncio.sleep(0.02)
     raise AssertionError(f"requests not settled: {await store.recent_requests(count)}")
+
+
+async def quiet(proxy: TestServer, timeout_s: float = 10.0) -> None:
+    """Wait until nothing is left to settle and no background task (settlement, auto-reload,
+    webhook) runs but the sweeper."""
+    for _ in range(int(timeout_s / 0.02)):
+        if proxy.app[TASKS].pending <= 1 and await proxy.app[STORE].pending_count() == 0:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"still busy: {proxy.app[TASKS].pending} tasks")
 
 
 @pytest.fixture

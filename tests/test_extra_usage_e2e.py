@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestServer
 from proxy.appkeys import STORE
 from proxy.mock_upstream import MOCK_STATE_KEY
 from proxy.money import format_usd
-from tests.conftest import ALICE_KEY, BOB_KEY, settled
+from tests.conftest import ALICE_KEY, BOB_KEY, quiet, settled
 from tests.test_e2e_sdk import PROMPT, sdk
 
 pytestmark = pytest.mark.both_stores  # every test here on both stores
@@ -69,8 +69,7 @@ async def until_refused(proxy: TestServer, key: str = ALICE_KEY, most: int = 40)
     """Spend until a request is refused; return the refusal and how many went through."""
     for count in range(most):
         answer = await ask(proxy, key)
-        await settled(proxy, 1)
-        await asyncio.sleep(0.02)  # let an auto-reload (off the request path) land
+        await quiet(proxy)  # the settlement and any auto-reload (off the request path) landed
         if isinstance(answer, anthropic.APIStatusError):
             return answer, count
     raise AssertionError("never refused")
@@ -184,8 +183,7 @@ auto_reload = { threshold_usd = 0.005, amount_usd = 0.01 }
     for _ in range(12):  # ~$0.036 of extra usage: the balance is reloaded as it crosses
         answer = await ask(proxy)
         assert not isinstance(answer, anthropic.APIStatusError), answer
-        await settled(proxy, 1)
-        await asyncio.sleep(0.02)
+        await quiet(proxy)
     reloads = await transfers(proxy, "reload")
     assert len(reloads) >= 2 and set(reloads) == {10_000_000}
     assert answer.headers["x-usage-billing"] == "extra"
@@ -301,7 +299,7 @@ auto_reload = { threshold_usd = 0.02, amount_usd = 0.05 }
     )
     ok = [a for a in answers if not isinstance(a, anthropic.APIStatusError)]
     assert 10 <= len(ok) <= 40
-    await asyncio.sleep(0.2)
+    await quiet(proxy)
     assert await transfers(proxy, "reload") == [50_000_000]
     overrun_nanos = -sum(await transfers(proxy, "estimate_overrun"))
     assert await spent_nanos(proxy) - overrun_nanos <= 70_000_000  # within the org limit

@@ -62,6 +62,7 @@ async def open_postgres(url: str, *, pool_size: int, pool_timeout_s: float) -> S
             max_size=pool_size,
             statement_cache_size=512,
             timeout=pool_timeout_s,  # connecting
+            reset=_keep_session,
         )
     except UNREACHABLE as exc:
         raise StoreUnavailable(f"cannot connect to {safe_url(url)}: {exc}") from exc
@@ -72,6 +73,12 @@ async def open_postgres(url: str, *, pool_size: int, pool_timeout_s: float) -> S
         await pool.close()
         raise
     return SqlStore(db)
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Nothing to reset when a connection goes back to the pool (asyncpg's default sends a reset
+    query each time: one more round trip per transaction): every transaction ends in COMMIT or
+    ROLLBACK, its locks are transaction-scoped, and no session setting is ever changed."""
 
 
 def to_dollar_params(sql: str) -> str:

@@ -154,9 +154,9 @@ async def test_an_exhausted_pool_makes_requests_wait_then_answers_a_clear_503(
         # the next admission waits for the org, holding the pool's only connection
         blocked = asyncio.ensure_future(post(proxy))
         for _ in range(200):
-            waiting = await holder.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                "AND pid <> pg_backend_pid()"
+            waiting = await holder.fetchval(  # sessions that wait for the holder's lock
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE pg_backend_pid() = ANY(pg_blocking_pids(pid))"
             )
             if waiting:
                 break
