@@ -168,6 +168,9 @@ class PostgresDatabase:
         async with self._connection() as conn:
             yield PostgresTx(conn, self._translated)
 
+    def for_update(self, tables: str) -> str:
+        return f" FOR UPDATE OF {tables}"
+
     def retryable(self, exc: BaseException) -> bool:
         return isinstance(exc, RETRYABLE)
 

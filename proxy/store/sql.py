@@ -16,7 +16,7 @@ import functools
 import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, ParamSpec, Protocol, TypeVar
 
 import structlog
@@ -111,6 +111,11 @@ class Database(Protocol):
 
     def transaction(self) -> AbstractAsyncContextManager[Tx]: ...
 
+    def for_update(self, tables: str) -> str:
+        """The clause that locks the rows of `tables` that a SELECT reads (PostgreSQL), or ""
+        where the transaction holds the database's write lock already (SQLite)."""
+        ...
+
     def reading(self) -> AbstractAsyncContextManager[Tx]:
         """A connection for reads outside a transaction."""
         ...
@@ -128,6 +133,46 @@ class Database(Protocol):
     async def ping(self) -> None: ...
 
     async def close(self) -> None: ...
+
+
+# The member and org rows that admission, settlement and status decide on: one statement.
+_SEAT_COLUMNS = """m.id, m.tier, m.email, o.extra_usage = 'all' OR (o.extra_usage = 'selected'
+    AND m.extra_usage_enabled = 1), m.extra_usage_consent, m.consent_until_s, o.id, o.plan,
+    o.timezone, o.monthly_limit_nanos, m.monthly_limit_nanos, tl.monthly_limit_nanos,
+    o.balance_nanos, o.balance_reserved_nanos, o.reservation, o.reload_threshold_nanos,
+    o.reload_amount_nanos, o.reload_pending, o.webhook_url, o.webhook_secret_env"""
+_SEAT_JOINS = (
+    "JOIN orgs o ON o.id = m.org_id "
+    "LEFT JOIN tier_limits tl ON tl.org_id = o.id AND tl.tier = m.tier"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _SeatRow:
+    member_id: int
+    tier: str
+    email: str
+    extra_usage_enabled: bool
+    consent: str
+    consent_until_s: float | None
+    org_id: str
+    plan: str
+    timezone: str
+    org_limit_nanos: int | None
+    member_limit_nanos: int | None
+    tier_limit_nanos: int | None
+    balance_nanos: int
+    balance_reserved_nanos: int
+    reservation: str
+    reload_threshold_nanos: int | None
+    reload_amount_nanos: int | None
+    reload_pending: int
+    webhook_url: str | None
+    webhook_secret_env: str | None
+
+    @property
+    def member(self) -> MemberState:
+        return MemberState(bool(self.extra_usage_enabled), self.consent, self.consent_until_s)
 
 
 def _atomic(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
@@ -175,10 +220,10 @@ class SqlStore:
     async def admit(self, request: AdmissionRequest, tiers: Mapping[str, Tier]) -> Admission:
         r = request
         async with self._db.transaction() as db:
-            await db.lock_org(r.org_id)
-            tier, member = await self._member(db, r.member_id, tiers)
-            windows = current_windows(tier, await self._windows(db, r.member_id), r.created_at_s)
-            funds = await self._funds(db, r.member_id, r.created_at_s)
+            seat = await self._seat(db, "WHERE m.id = ?", (r.member_id,), lock="o")
+            tier, member = tiers[seat.tier], seat.member
+            stored, funds = await self._books(db, seat, r.created_at_s)
+            windows = current_windows(tier, stored, r.created_at_s)
             amount_nanos = await self._reservation(db, r, funds.reservation)
             decision: Admitted | Blocked | Unaffordable = ledger.admit(
                 windows,
@@ -239,16 +284,6 @@ class SqlStore:
                 )
             return Admission(decision, windows, member, funds)
 
-    @staticmethod
-    async def _member_org(db: Tx, member_id: int) -> str:
-        row = await db.fetchrow("SELECT org_id FROM members WHERE id = ?", (member_id,))
-        return row[0]
-
-    @staticmethod
-    async def _request_org(db: Tx, request_id: str) -> str | None:
-        row = await db.fetchrow("SELECT org_id FROM requests WHERE id = ?", (request_id,))
-        return row[0] if row else None
-
     async def _reservation(self, db: Tx, r: AdmissionRequest, mode: str) -> int:
         """What to reserve: the worst case, or the org's `expected` estimate."""
         if mode != "expected":
@@ -267,21 +302,18 @@ class SqlStore:
         s = settlement
         usage = s.usage or Usage()
         async with self._db.transaction() as db:
-            org_id = await self._request_org(db, s.request_id)
-            if org_id is None:
-                return None
-            await db.lock_org(org_id)
-            rows = await db.fetch(
-                "SELECT member_id, org_id, model, billing, reserved_nanos, extra_reserved_nanos, "
-                "month, session_started_at_s, weekly_started_at_s, status FROM requests "
-                "WHERE id = ? AND status IN ('pending', 'expired')",
+            # the request and its org locked in one statement; a settled request is not found
+            row = await db.fetchrow(
+                f"""SELECT r.model, r.billing, r.reserved_nanos, r.extra_reserved_nanos, r.month,
+                       r.session_started_at_s, r.weekly_started_at_s, r.status, {_SEAT_COLUMNS}
+                   FROM requests r JOIN members m ON m.id = r.member_id {_SEAT_JOINS}
+                   WHERE r.id = ? AND r.status IN ('pending', 'expired')
+                   {self._db.for_update("r, o")}""",
                 (s.request_id,),
             )
-            if not rows:
+            if row is None:
                 return None
             (
-                member_id,
-                org_id,
                 model,
                 billing,
                 reserved_nanos,
@@ -290,13 +322,15 @@ class SqlStore:
                 session_start,
                 weekly_start,
                 status,
-            ) = rows[0]
+            ) = tuple(row)[:8]
+            seat = _SeatRow(*tuple(row)[8:])
+            member_id, org_id = seat.member_id, seat.org_id
             if status == "expired":  # a long stream outlived its reservation: post it late;
                 reserved_nanos = extra_reserved_nanos = 0  # the expiry already released them
-            tier, _ = await self._member(db, member_id, tiers)
-            funds_before = await self._funds(db, member_id, s.settled_at_s)
-            stored = await self._windows(db, member_id, (session_start, weekly_start))
-            windows = with_limits(tier, stored)
+            stored, funds_before = await self._books(
+                db, seat, s.settled_at_s, (session_start, weekly_start)
+            )
+            windows = with_limits(tiers[seat.tier], stored)
             split = split_charge(s.cost_nanos, windows, billing)
             await db.execute(
                 "UPDATE windows SET used_nanos = used_nanos + ?, "
@@ -310,7 +344,7 @@ class SqlStore:
                 ),
             )
             reload = await self._post_extra(
-                db, org_id, member_id, month, model, s, split.extra_nanos, extra_reserved_nanos
+                db, seat, month, model, s, split.extra_nanos, extra_reserved_nanos
             )
             await db.execute(
                 """UPDATE requests SET status = ?, input_tokens = ?, output_tokens = ?,
@@ -342,13 +376,6 @@ class SqlStore:
                     s.request_id,
                 ),
             )
-            org = await db.fetchrow(
-                "SELECT o.balance_nanos, o.reload_threshold_nanos, o.webhook_url, "
-                "o.webhook_secret_env, m.email FROM orgs o JOIN members m ON m.org_id = o.id "
-                "WHERE m.id = ?",
-                (member_id,),
-            )
-            balance_nanos, threshold_nanos, webhook_url, secret_env, email = org
             return Settled(
                 org_id,
                 member_id,
@@ -356,18 +383,21 @@ class SqlStore:
                 windows,
                 reload,
                 request_id=s.request_id,
-                member_email=email,
+                member_email=seat.email,
                 funds_before=funds_before,
-                balance_after_nanos=balance_nanos if funds_before.prepaid else None,
-                reload_threshold_nanos=threshold_nanos,
-                webhook=(webhook_url, secret_env or "") if webhook_url else None,
+                balance_after_nanos=(
+                    seat.balance_nanos - split.extra_nanos if funds_before.prepaid else None
+                ),
+                reload_threshold_nanos=seat.reload_threshold_nanos,
+                webhook=(seat.webhook_url, seat.webhook_secret_env or "")
+                if seat.webhook_url
+                else None,
             )
 
     async def _post_extra(
         self,
         db: Tx,
-        org_id: str,
-        member_id: int,
+        seat: _SeatRow,
         month: str,
         model: str,
         s: Settlement,
@@ -378,56 +408,57 @@ class SqlStore:
         the prepaid balance crosses its threshold (one order per crossing: reload_pending)."""
         if not extra_nanos and not extra_reserved_nanos:
             return None
+        org_id, member_id = seat.org_id, seat.member_id
         await self._move_spend(db, org_id, member_id, month, extra_nanos, -extra_reserved_nanos)
         within_nanos = min(extra_nanos, extra_reserved_nanos)
-        for kind, amount_nanos in (
-            ("usage_extra", within_nanos),
-            ("estimate_overrun", extra_nanos - within_nanos),
-        ):
-            if amount_nanos:
-                await db.execute(
-                    "INSERT INTO transfers (org_id, member_id, kind, amount_nanos, month, "
-                    "request_id, model, created_at_s) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        org_id,
-                        member_id,
-                        kind,
-                        -amount_nanos,
-                        month,
-                        s.request_id,
-                        model,
-                        s.settled_at_s,
-                    ),
+        await db.executemany(
+            "INSERT INTO transfers (org_id, member_id, kind, amount_nanos, month, "
+            "request_id, model, created_at_s) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (org_id, member_id, kind, -amount_nanos, month, s.request_id, model, s.settled_at_s)
+                for kind, amount_nanos in (
+                    ("usage_extra", within_nanos),
+                    ("estimate_overrun", extra_nanos - within_nanos),
                 )
-        org = await db.fetchrow(
-            "SELECT plan, balance_nanos, reload_threshold_nanos, reload_amount_nanos, "
-            "reload_pending, monthly_limit_nanos FROM orgs WHERE id = ?",
-            (org_id,),
+                if amount_nanos
+            ],
         )
-        plan, balance_nanos, threshold_nanos, amount_nanos, pending, limit_nanos = org
-        if plan not in PREPAID_PLANS:
+        if seat.plan not in PREPAID_PLANS:
             return None
-        after_nanos = balance_nanos - extra_nanos
+        after_nanos = seat.balance_nanos - extra_nanos
+        order = await self._reload_order(db, seat, month, after_nanos, s.request_id)
         await db.execute(
             "UPDATE orgs SET balance_nanos = ?, balance_reserved_nanos = "
-            "balance_reserved_nanos - ? WHERE id = ?",
-            (after_nanos, extra_reserved_nanos, org_id),
+            "balance_reserved_nanos - ?, reload_pending = ? WHERE id = ?",
+            (
+                after_nanos,
+                extra_reserved_nanos,
+                int(order is not None or seat.reload_pending),
+                org_id,
+            ),
         )
-        if threshold_nanos is None or not amount_nanos or pending:
+        return order
+
+    @staticmethod
+    async def _reload_order(
+        db: Tx, seat: _SeatRow, month: str, after_nanos: int, request_id: str
+    ) -> ReloadOrder | None:
+        """A reload when the balance falls to its threshold and none is pending already."""
+        threshold_nanos, amount_nanos = seat.reload_threshold_nanos, seat.reload_amount_nanos
+        if threshold_nanos is None or not amount_nanos or seat.reload_pending:
             return None
-        if not reload_due(balance_nanos, after_nanos, threshold_nanos):
+        if not reload_due(seat.balance_nanos, after_nanos, threshold_nanos):
             return None
-        if limit_nanos is not None:
+        if seat.org_limit_nanos is not None:
             # never reload beyond the monthly spend limit: reloads this month stay within it
             reloaded = await db.fetchrow(
                 "SELECT CAST(COALESCE(SUM(amount_nanos), 0) AS BIGINT) FROM transfers "
                 "WHERE org_id = ? AND month = ? AND kind = 'reload'",
-                (org_id, month),
+                (seat.org_id, month),
             )
-            if reloaded[0] + amount_nanos > limit_nanos:
+            if reloaded[0] + amount_nanos > seat.org_limit_nanos:
                 return None
-        await db.execute("UPDATE orgs SET reload_pending = 1 WHERE id = ?", (org_id,))
-        return ReloadOrder(org_id, amount_nanos, f"reload:{s.request_id}")
+        return ReloadOrder(seat.org_id, amount_nanos, f"reload:{request_id}")
 
     async def _move_spend(
         self,
@@ -439,58 +470,80 @@ class SqlStore:
         reserved_nanos: int,
     ) -> None:
         """Add to month-to-date extra usage of the org (member 0) and of the member."""
-        for who in (0, member_id):
-            await db.execute(
-                "INSERT INTO spend (org_id, member_id, month, posted_nanos, reserved_nanos) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (org_id, member_id, month) DO UPDATE SET "
-                "posted_nanos = spend.posted_nanos + excluded.posted_nanos, "
-                "reserved_nanos = spend.reserved_nanos + excluded.reserved_nanos",
-                (org_id, who, month, posted_nanos, reserved_nanos),
-            )
+        await db.execute(
+            "INSERT INTO spend (org_id, member_id, month, posted_nanos, reserved_nanos) "
+            "VALUES (?, 0, ?, ?, ?), (?, ?, ?, ?, ?) ON CONFLICT (org_id, member_id, month) "
+            "DO UPDATE SET posted_nanos = spend.posted_nanos + excluded.posted_nanos, "
+            "reserved_nanos = spend.reserved_nanos + excluded.reserved_nanos",
+            (
+                org_id,
+                month,
+                posted_nanos,
+                reserved_nanos,
+                org_id,
+                member_id,
+                month,
+                posted_nanos,
+                reserved_nanos,
+            ),
+        )
 
-    async def _funds(self, db: Tx, member_id: int, now_s: float) -> ExtraFunds:
-        """The accounts extra usage draws on for this member this month."""
+    async def _seat(
+        self, db: Tx, where: str, params: Sequence[Any], *, lock: str | None = None
+    ) -> _SeatRow:
+        """The member and org rows a step decides on; `lock` names the rows to lock (PostgreSQL)."""
         row = await db.fetchrow(
-            """SELECT o.id, o.plan, o.timezone, o.monthly_limit_nanos, o.balance_nanos,
-                      o.balance_reserved_nanos, m.monthly_limit_nanos, tl.monthly_limit_nanos,
-                      o.reservation
-               FROM members m JOIN orgs o ON o.id = m.org_id
-               LEFT JOIN tier_limits tl ON tl.org_id = o.id AND tl.tier = m.tier
-               WHERE m.id = ?""",
-            (member_id,),
+            f"SELECT {_SEAT_COLUMNS} FROM members m {_SEAT_JOINS} {where}"
+            + (self._db.for_update(lock) if lock else ""),
+            params,
         )
-        (
-            org_id,
-            plan,
-            timezone,
-            org_limit,
-            balance,
-            balance_reserved,
-            member_limit,
-            tier_limit,
-            reservation,
-        ) = row
-        month = month_of(now_s, timezone)
-        spent = {
-            who: (posted, reserved)
-            for who, posted, reserved in await db.fetch(
-                "SELECT member_id, posted_nanos, reserved_nanos FROM spend "
-                "WHERE org_id = ? AND month = ? AND member_id IN (0, ?)",
-                (org_id, month, member_id),
+        return _SeatRow(*row)
+
+    @staticmethod
+    async def _books(
+        db: Tx, seat: _SeatRow, now_s: float, starts: tuple[float | None, ...] | None = None
+    ) -> tuple[dict[str, Window], ExtraFunds]:
+        """In one query: the member's windows (the newest of each kind, or the ones that began
+        at `starts`) and this month's extra usage of the member and the org."""
+        month = month_of(now_s, seat.timezone)
+        if starts is None:
+            which = (
+                "started_at_s = (SELECT MAX(started_at_s) FROM windows "
+                "WHERE member_id = w.member_id AND kind = w.kind)"
             )
-        }
-        accounts = [Account(ORG_MONTHLY, org_limit, *spent.get(0, (0, 0)))]
-        if plan == "enterprise" and member_limit is not None:
-            accounts.append(Account(MEMBER_MONTHLY, member_limit, *spent.get(member_id, (0, 0))))
-        elif plan == "enterprise" and tier_limit is not None:
-            accounts.append(Account(TIER_MONTHLY, tier_limit, *spent.get(member_id, (0, 0))))
-        prepaid = plan in PREPAID_PLANS
-        if prepaid:
-            accounts.append(Account(BALANCE, balance, 0, balance_reserved))
-        member_spent_nanos = spent.get(member_id, (0, 0))[0]
-        return ExtraFunds(
-            month, prepaid, tuple(accounts), timezone, member_spent_nanos, reservation
+            params: tuple = (seat.member_id,)
+        else:
+            which = "started_at_s IN (?, ?)"
+            params = (seat.member_id, *starts)
+        rows = await db.fetch(
+            "SELECT 'window', kind, started_at_s, ends_at_s, used_nanos, reserved_nanos "
+            f"FROM windows w WHERE member_id = ? AND {which} UNION ALL "
+            "SELECT 'spend', CAST(member_id AS TEXT), NULL, NULL, posted_nanos, reserved_nanos "
+            "FROM spend WHERE org_id = ? AND month = ? AND member_id IN (0, ?)",
+            (*params, seat.org_id, month, seat.member_id),
         )
+        # limit_nanos is not stored: the tier of the day supplies it (current_windows)
+        windows = {
+            kind: Window(kind, started, ends, limit_nanos=0, used_nanos=used, reserved_nanos=held)
+            for what, kind, started, ends, used, held in rows
+            if what == "window"
+        }
+        spent = {
+            int(who): (posted, held) for what, who, _, _, posted, held in rows if what == "spend"
+        }
+        org_spent, member_spent = spent.get(0, (0, 0)), spent.get(seat.member_id, (0, 0))
+        accounts = [Account(ORG_MONTHLY, seat.org_limit_nanos, *org_spent)]
+        if seat.plan == "enterprise" and seat.member_limit_nanos is not None:
+            accounts.append(Account(MEMBER_MONTHLY, seat.member_limit_nanos, *member_spent))
+        elif seat.plan == "enterprise" and seat.tier_limit_nanos is not None:
+            accounts.append(Account(TIER_MONTHLY, seat.tier_limit_nanos, *member_spent))
+        prepaid = seat.plan in PREPAID_PLANS
+        if prepaid:
+            accounts.append(Account(BALANCE, seat.balance_nanos, 0, seat.balance_reserved_nanos))
+        funds = ExtraFunds(
+            month, prepaid, tuple(accounts), seat.timezone, member_spent[0], seat.reservation
+        )
+        return windows, funds
 
     @_atomic
     async def purchase(
@@ -697,19 +750,18 @@ class SqlStore:
         self, member_id: int, tiers: Mapping[str, Tier], now_s: float
     ) -> MemberStatus:
         async with self._db.transaction() as db:  # one consistent view
-            tier, member = await self._member(db, member_id, tiers)
-            stored = await self._windows(db, member_id)
-            funds = await self._funds(db, member_id, now_s)
-        return MemberStatus(current_windows(tier, stored, now_s), member, funds)
+            seat = await self._seat(db, "WHERE m.id = ?", (member_id,))
+            stored, funds = await self._books(db, seat, now_s)
+        return MemberStatus(current_windows(tiers[seat.tier], stored, now_s), seat.member, funds)
 
     @_atomic
     async def continue_extra_usage(
         self, member_id: int, tiers: Mapping[str, Tier], now_s: float
     ) -> MemberStatus:
         async with self._db.transaction() as db:
-            await db.lock_org(await self._member_org(db, member_id))
-            tier, member = await self._member(db, member_id, tiers)
-            windows = current_windows(tier, await self._windows(db, member_id), now_s)
+            seat = await self._seat(db, "WHERE m.id = ?", (member_id,), lock="o")
+            member, (stored, funds) = seat.member, await self._books(db, seat, now_s)
+            windows = current_windows(tiers[seat.tier], stored, now_s)
             if member.extra_usage_enabled:
                 await self._open(db, member_id, windows)  # consent ends with a real window
                 member = replace(member, consent_until_s=ledger.consent_until(windows, now_s))
@@ -717,7 +769,7 @@ class SqlStore:
                     "UPDATE members SET consent_until_s = ? WHERE id = ?",
                     (member.consent_until_s, member_id),
                 )
-            return MemberStatus(windows, member, await self._funds(db, member_id, now_s))
+            return MemberStatus(windows, member, funds)
 
     async def secret(self, name: str) -> str:
         rows = await self._read("SELECT value FROM secrets WHERE name = ?", (name,))
@@ -732,46 +784,6 @@ class SqlStore:
                 "INSERT INTO windows (member_id, kind, started_at_s, ends_at_s) VALUES (?, ?, ?, ?)",
                 (member_id, kind, w.started_at_s, w.ends_at_s),
             )
-
-    @staticmethod
-    async def _member(
-        db: Tx, member_id: int, tiers: Mapping[str, Tier]
-    ) -> tuple[Tier, MemberState]:
-        row = await db.fetchrow(
-            """SELECT m.tier, o.extra_usage = 'all' OR (o.extra_usage = 'selected'
-                      AND m.extra_usage_enabled = 1), m.extra_usage_consent, m.consent_until_s
-               FROM members m JOIN orgs o ON o.id = m.org_id WHERE m.id = ?""",
-            (member_id,),
-        )
-        tier_name, enabled, consent, consent_until_s = row
-        return tiers[tier_name], MemberState(bool(enabled), consent, consent_until_s)
-
-    @staticmethod
-    async def _windows(
-        db: Tx, member_id: int, starts: tuple[float | None, ...] | None = None
-    ) -> dict[str, Window]:
-        """The newest window of each kind (or the ones that began at `starts`)."""
-        if starts is None:
-            sql = (
-                "SELECT kind, started_at_s, ends_at_s, used_nanos, reserved_nanos FROM windows "
-                "w WHERE member_id = ? AND started_at_s = (SELECT MAX(started_at_s) FROM "
-                "windows WHERE member_id = w.member_id AND kind = w.kind)"
-            )
-            params: tuple = (member_id,)
-        else:
-            sql = (
-                "SELECT kind, started_at_s, ends_at_s, used_nanos, reserved_nanos FROM windows "
-                "WHERE member_id = ? AND started_at_s IN (?, ?)"
-            )
-            params = (member_id, *starts)
-        rows = await db.fetch(sql, params)
-        # limit_nanos is not stored: the tier of the day supplies it (current_windows)
-        return {
-            kind: Window(
-                kind, started, ends, limit_nanos=0, used_nanos=used, reserved_nanos=reserved
-            )
-            for kind, started, ends, used, reserved in rows
-        }
 
     async def get_request(self, request_id: str) -> RequestRecord | None:
         rows = await self._read("SELECT * FROM requests WHERE id = ?", (request_id,))

@@ -87,6 +87,9 @@ class SqliteDatabase:
         async with self._lock:
             yield SqliteTx(self._conn)
 
+    def for_update(self, tables: str) -> str:
+        return ""  # BEGIN IMMEDIATE holds the write lock already
+
     def retryable(self, exc: BaseException) -> bool:
         return False  # transactions run one at a time: none can lose a race
 
