@@ -55,9 +55,11 @@ MAX_TOKENS = 4096
 OUTPUT_TOKENS = 100  # per answer; a stream carries them in STREAM_DELTAS deltas
 STREAM_DELTAS = 20
 STREAM_INTERVAL_MS = 5  # the mock's x-mock-delay-ms: before every event after message_start
+STREAM_STAGGER_S = (STREAM_DELTAS + 5) * STREAM_INTERVAL_MS / 1000  # one stream's length
 HOLD_INTERVAL_MS = 250  # the event interval of the slow streams held open for the memory figure
 MEMBERS = 16  # requests go round-robin over this many members' keys
 READY_TIMEOUT_S = 60.0
+IDLE_S = 0.1  # a process that used no CPU for this long is idle
 IDLE_TIMEOUT_S = 10.0  # wait at most this long for the proxy to finish settling after a run
 STOP_TIMEOUT_S = 15.0
 CLIENT_BUSY_PCT = 90  # a load generator this busy may be what limits the figures
@@ -495,6 +497,8 @@ class LoadJob:
     requests: int
     warmup_requests: int = 0
     stream: bool = False
+    stagger_s: float = 0.0  # spread the workers' first requests over this long
+    cpu_pids: tuple[int, ...] = ()  # read their CPU once the warm-up has settled
     rss_pid: int | None = None  # sample this process's RSS once `requests` streams are open
     rss_deadline_s: float = 0.0  # ... or this long after the start, whichever comes first
 
@@ -506,6 +510,7 @@ class LoadResult:
     errors: dict[str, int] = field(default_factory=dict)
     wall_s: float = 0.0
     load_cpu_s: float = 0.0  # the load generator's own CPU over the measured part
+    cpu_s_start: dict[int, float] = field(default_factory=dict)  # of job.cpu_pids
     latency_ms: list[float] = field(default_factory=list)  # to the last byte
     ttfb_ms: list[float] = field(default_factory=list)  # to the first body chunk
     chunks: list[int] = field(default_factory=list)  # body reads per response
@@ -534,12 +539,26 @@ async def run_load(job: LoadJob) -> LoadResult:
         if job.warmup_requests:
             await _drive(session, job, job.warmup_requests, LoadResult(), track_open=False)
         result = LoadResult()
+        for pid in job.cpu_pids:
+            await _until_idle(pid)
+            result.cpu_s_start[pid] = cpu_s(pid)
         cpu_before_s = _own_cpu_s()
         started_s = time.perf_counter()
         await _drive(session, job, job.requests, result, track_open=job.rss_pid is not None)
         result.wall_s = time.perf_counter() - started_s
         result.load_cpu_s = _own_cpu_s() - cpu_before_s
     return result
+
+
+async def _until_idle(pid: int) -> None:
+    """Until a process has used no CPU for IDLE_S (or IDLE_TIMEOUT_S passed)."""
+    deadline_s = time.perf_counter() + IDLE_TIMEOUT_S
+    before_s = cpu_s(pid)
+    while time.perf_counter() < deadline_s:
+        await asyncio.sleep(IDLE_S)
+        if (now_s := cpu_s(pid)) == before_s:
+            return
+        before_s = now_s
 
 
 def _own_cpu_s() -> float:
@@ -567,7 +586,8 @@ async def _drive(
     headers = [dict(job.headers, **{"x-api-key": key}) for key in job.keys]
     opened = _OpenStreams()
 
-    async def worker() -> None:
+    async def worker(delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
         for index in tickets:
             started_s = time.perf_counter()
             first_s = None
@@ -611,8 +631,9 @@ async def _drive(
         result.rss_kb_open, result.streams_open = max(samples)
 
     async with asyncio.TaskGroup() as group:
-        for _ in range(min(job.concurrency, count)):
-            group.create_task(worker())
+        workers = min(job.concurrency, count)
+        for n in range(workers):
+            group.create_task(worker(job.stagger_s * n / workers))
         if track_open:
             group.create_task(sample_rss())
     result.requests += sum(statuses.values()) + sum(errors.values())
@@ -783,8 +804,10 @@ class Bench:
         proxy.start(self.pinning.target)
         return proxy
 
-    def _load(self, job: LoadJob) -> LoadResult:
+    def _load(self, what: str, target: Target, job: LoadJob) -> LoadResult:
+        """Run one job on the load generator; say what runs, for the person waiting."""
         assert self._load_conn is not None
+        print(f"  {what}: {target.name}, {job.requests} requests", flush=True)
         self._load_conn.send(job)
         return self._load_conn.recv()
 
@@ -792,6 +815,8 @@ class Bench:
         self, target: Target, *, stream: bool, headers: dict[str, str], **kwargs: Any
     ) -> LoadJob:
         base = {"content-type": "application/json", "anthropic-version": "2023-06-01"}
+        if kwargs.get("rss_pid") is None:  # open every connection before measuring
+            kwargs.setdefault("warmup_requests", kwargs["concurrency"])
         job = LoadJob(
             url=target.url,
             keys=target.keys,
@@ -810,12 +835,12 @@ class Bench:
         started_s = time.perf_counter()
         before_s = cpu_s(pid)
         while time.perf_counter() - started_s < IDLE_TIMEOUT_S:
-            time.sleep(0.1)
+            time.sleep(IDLE_S)
             now_s = cpu_s(pid)
             if now_s == before_s:
                 break
             before_s = now_s
-        return max(0.0, (time.perf_counter() - started_s) * 1000 - 100)
+        return max(0.0, (time.perf_counter() - started_s - IDLE_S) * 1000)
 
     # -- scenarios --
 
@@ -825,13 +850,16 @@ class Bench:
         for target in targets:
             for stream in (False, True):
                 result = self._load(
+                    "warm-up",
+                    target,
                     self._job(
                         target,
                         stream=stream,
                         headers=_script_headers(stream=stream),
                         concurrency=self.options.concurrency,
                         requests=self.options.warmup_requests,
-                    )
+                        warmup_requests=0,
+                    ),
                 )
                 if result.ok != result.requests:
                     raise BenchError(
@@ -848,21 +876,21 @@ class Bench:
         }
         for target in targets:
             self._wait_idle(target.pid)
-            cpu_before_s, mock_before_s = cpu_s(target.pid), cpu_s(mock_pid)
             result = self._load(
+                "non-streaming",
+                target,
                 self._job(
                     target,
                     stream=False,
                     headers=_script_headers(stream=False),
                     concurrency=options.concurrency,
                     requests=options.requests,
-                )
+                    cpu_pids=(target.pid, mock_pid),
+                ),
             )
             drain_ms = self._wait_idle(target.pid)
-            cpu_used_s, mock_used_s = (
-                cpu_s(target.pid) - cpu_before_s,
-                cpu_s(mock_pid) - mock_before_s,
-            )
+            cpu_used_s = cpu_s(target.pid) - result.cpu_s_start[target.pid]
+            mock_used_s = cpu_s(mock_pid) - result.cpu_s_start[mock_pid]
             section[target.name] = {
                 **_counts(result),
                 "requests_per_s": _round(result.requests / result.wall_s if result.wall_s else 0),
@@ -893,13 +921,15 @@ class Bench:
         for target in targets:
             self._wait_idle(target.pid)
             result = self._load(
+                "concurrency 1",
+                target,
                 self._job(
                     target,
                     stream=False,
                     headers=_script_headers(stream=False),
                     concurrency=1,
                     requests=self.options.latency_requests,
-                )
+                ),
             )
             section[target.name] = {
                 **_counts(result),
@@ -924,15 +954,18 @@ class Bench:
         }
         for target in targets:
             self._wait_idle(target.pid)
-            cpu_before_s = cpu_s(target.pid)
             result = self._load(
+                "streaming",
+                target,
                 self._job(
                     target,
                     stream=True,
                     headers=_script_headers(stream=True),
                     concurrency=options.stream_concurrency,
                     requests=options.streams,
-                )
+                    stagger_s=STREAM_STAGGER_S,  # streams of equal length stay out of step
+                    cpu_pids=(target.pid,),
+                ),
             )
             self._wait_idle(target.pid)
             section[target.name] = {
@@ -943,7 +976,10 @@ class Bench:
                 "ttlb_ms_p99": _round(percentile(result.latency_ms, 99), 3),
                 "reads_per_stream_p50": percentile(result.chunks, 50),
                 "cpu_ms_per_stream": _round(
-                    (cpu_s(target.pid) - cpu_before_s) * 1000 / max(1, result.requests), 3
+                    (cpu_s(target.pid) - result.cpu_s_start[target.pid])
+                    * 1000
+                    / max(1, result.requests),
+                    3,
                 ),
             }
         direct = section["direct"]
@@ -965,6 +1001,8 @@ class Bench:
             self._wait_idle(target.pid)
             idle_kb = rss_kb(target.pid)
             result = self._load(
+                "open streams",
+                target,
                 self._job(
                     target,
                     stream=True,
@@ -975,7 +1013,7 @@ class Bench:
                     requests=options.open_streams,
                     rss_pid=target.pid,
                     rss_deadline_s=options.hold_s * 0.8,
-                )
+                ),
             )
             open_kb = result.rss_kb_open or idle_kb
             section[target.name] = {
@@ -996,13 +1034,15 @@ class Bench:
         for _ in range(2):
             results.append(
                 self._load(
+                    "leak check",
+                    proxy,
                     self._job(
                         proxy,
                         stream=False,
                         headers=_script_headers(stream=False),
                         concurrency=self.options.concurrency,
                         requests=n,
-                    )
+                    ),
                 )
             )
             self._wait_idle(proxy.pid)
