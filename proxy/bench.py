@@ -28,6 +28,7 @@ import platform
 import resource
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -62,7 +63,9 @@ READY_TIMEOUT_S = 60.0
 IDLE_S = 0.1  # a process that used no CPU for this long is idle
 IDLE_TIMEOUT_S = 10.0  # wait at most this long for the proxy to finish settling after a run
 STOP_TIMEOUT_S = 15.0
-CLIENT_BUSY_PCT = 90  # a load generator this busy may be what limits the figures
+CLIENT_BUSY_PCT = 90
+PROFILE_RATE_HZ = 250
+PROFILE_TOP = 15  # a load generator this busy may be what limits the figures
 
 # The targets of the performance issue; the throughput ratio is 0.4 on PostgreSQL.
 THROUGHPUT_RATIO_MIN_SQLITE = 0.6
@@ -178,6 +181,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="tiny counts (for tests): figures show the command works, not how fast it is",
     )
+    bench.add_argument(
+        "--profile",
+        type=Path,
+        metavar="FILE",
+        help="after the measured runs, one more non-streaming run of --requests with py-spy "
+        "attached to the proxy: collapsed stacks to FILE, the top functions in the table "
+        "(needs py-spy: pip install py-spy)",
+    )
     bench.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
     bench.add_argument(
         "--keep", action="store_true", help="keep the temporary folder (config, store, logs)"
@@ -214,6 +225,7 @@ class BenchOptions:
     quick: bool
     pin: bool
     keep: bool
+    profile: Path | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> BenchOptions:
@@ -239,11 +251,13 @@ class BenchOptions:
             quick=args.quick,
             pin=not args.no_pin,
             keep=args.keep,
+            profile=args.profile,
         )
 
     def json(self) -> dict[str, Any]:
         fields = dataclasses.asdict(self)
         fields["pricing"] = str(self.pricing)
+        fields["profile"] = str(self.profile) if self.profile else None
         fields["store_url"] = _redacted(self.store_url) if self.store_url else None
         return fields
 
@@ -275,6 +289,8 @@ def _check_options(options: BenchOptions) -> str | None:
         return f"--pricing: {options.pricing}: no such file (run from the checkout, or name it)"
     if options.hold_s <= 0:
         return f"--hold-s: must be more than 0, got {options.hold_s}"
+    if options.profile is not None and py_spy() is None:
+        return "--profile: py-spy is not installed (pip install py-spy)"
     if sys.platform != "linux":
         return "needs Linux (/proc for CPU and memory, sched_setaffinity for pinning)"
     return None
@@ -732,6 +748,8 @@ class Bench:
             report["latency_c1"] = self._latency_c1(targets)
             report["streaming"] = self._streaming(targets)
             report["memory"]["leak"] = self._leak(proxy_target)
+            if self.options.profile is not None:
+                report["profile"] = self._profile(proxy_target, self.options.profile)
             self._wait_idle(proxy.pid)
             report["accounting"] = proxy.accounting(self.requests_to_proxy, recorded_before, folder)
         report["targets"] = targets_of(report)
@@ -1059,6 +1077,55 @@ class Bench:
             "rss_growth_kb_per_1000_requests": _round(growth_kb * 1000 / n, 2),
         }
 
+    def _profile(self, proxy: Target, path: Path) -> dict[str, Any]:
+        """One more non-streaming run with py-spy sampling the proxy (not in the figures)."""
+        spy_path = py_spy()
+        assert spy_path is not None
+        self._wait_idle(proxy.pid)
+        command = [spy_path, "record", "--pid", str(proxy.pid), "--output", str(path)]
+        command += ["--format", "raw", "--rate", str(PROFILE_RATE_HZ)]
+        spy = subprocess.Popen(
+            command,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        pin(spy.pid, self.pinning.mock)  # off the proxy's core
+        time.sleep(1.0)  # attached
+        if spy.poll() is not None:
+            error = spy.stderr.read().decode(errors="replace").strip() if spy.stderr else ""
+            return {
+                "file": str(path),
+                "error": error.splitlines()[-1] if error else "py-spy exited",
+            }
+        result = self._load(
+            "profile",
+            proxy,
+            self._job(
+                proxy,
+                stream=False,
+                headers=_script_headers(stream=False),
+                concurrency=self.options.concurrency,
+                requests=self.options.requests,
+            ),
+        )
+        self._wait_idle(proxy.pid)  # settlements are part of each request's cost
+        spy.send_signal(signal.SIGINT)
+        try:
+            spy.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            spy.communicate()
+        if not path.is_file():
+            return {"file": str(path), "error": "py-spy wrote no profile"}
+        return {
+            "file": str(path),
+            "requests": result.requests,
+            "ok": result.ok,
+            "failed": result.requests - result.ok,
+            "rate_hz": PROFILE_RATE_HZ,
+            **summarise_profile(path.read_text()),
+        }
+
     def _environment(self, proxy_uvloop: bool, store_url: str) -> dict[str, Any]:
         return {
             "cores": len(self.cpus),
@@ -1337,6 +1404,78 @@ class ProxyProcess:
 
 
 # ---------------------------------------------------------------------------------------------
+# The profile
+
+
+def py_spy() -> str | None:
+    """py-spy on PATH or beside this Python (a venv's bin/)."""
+    beside = Path(sys.executable).parent / "py-spy"
+    return shutil.which("py-spy") or (str(beside) if beside.is_file() else None)
+
+
+def summarise_profile(collapsed: str) -> dict[str, Any]:
+    """py-spy's collapsed stacks (`frame;frame;... count` lines, outermost first) as the share
+    of samples per function: where the samples were (self) and under what (inclusive), and
+    self time per package (`proxy.<module>`, `aiohttp`, `asyncio`, `sqlite3`, ...)."""
+    own: Counter[str] = Counter()
+    under: Counter[str] = Counter()
+    packages: Counter[str] = Counter()
+    total = 0
+    for line in collapsed.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        total += count
+        functions = [_function(frame) for frame in stack.split(";")]
+        own[functions[-1]] += count
+        packages[_package(functions[-1])] += count
+        for function in set(functions):
+            if not _is_plumbing(function):
+                under[function] += count
+
+    def shares(counter: Counter[str]) -> list[dict[str, Any]]:
+        return [
+            {"function": name, "pct": _round(100 * n / total, 1)}
+            for name, n in counter.most_common(PROFILE_TOP)
+        ]
+
+    return {
+        "samples": total,
+        "self_pct": shares(own),
+        "inclusive_pct": shares(under),
+        "self_pct_by_package": {
+            name: _round(100 * n / total, 1) for name, n in packages.most_common()
+        }
+        if total
+        else {},
+    }
+
+
+def _function(frame: str) -> str:
+    """`name (path/file.py:123)` -> `name (path/file.py)`: lines of one function together."""
+    name, _, where = frame.partition(" (")
+    return f"{name} ({where.rpartition(':')[0] or where.rstrip(')')})"
+
+
+def _package(function: str) -> str:
+    path = function.rpartition(" (")[2].rstrip(")")
+    parts = Path(path).with_suffix("").parts
+    if not parts:
+        return "other"
+    if parts[0] == "proxy" and len(parts) > 1:
+        return "proxy." + ".".join(parts[1:])
+    return parts[0]
+
+
+def _is_plumbing(function: str) -> bool:
+    """Frames every sample sits under (the loop, the process start): no information."""
+    return _package(function) in ("asyncio", "runpy", "<frozen runpy>", "threading") or (
+        function.startswith(("<module>", "main (", "_serve (", "run_app ("))
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # Targets and the table
 
 
@@ -1487,6 +1626,8 @@ def render_table(report: dict[str, Any]) -> str:
         f"{leak['rss_kb_after_2n']:,} KB: {leak['rss_growth_kb_per_1000_requests']:+.1f} KB per "
         "1000 requests"
     )
+    if "profile" in report:
+        lines += ["", *_profile_lines(report["profile"])]
     acc = report["accounting"]
     lines += [
         "",
@@ -1510,3 +1651,22 @@ def render_table(report: dict[str, Any]) -> str:
     if not report["all_ok"]:
         lines.append("SOME REQUESTS FAILED or went unrecorded: see the JSON's statuses and errors")
     return "\n".join(lines)
+
+
+def _profile_lines(profile: dict[str, Any]) -> list[str]:
+    if "error" in profile:
+        return [f"profile: py-spy failed: {profile['error']}"]
+    lines = [
+        f"profile of the proxy, {profile['requests']} non-streaming requests, "
+        f"{profile['samples']} samples at {profile['rate_hz']} Hz (collapsed stacks: "
+        f"{profile['file']})",
+        "  self time by package: "
+        + ", ".join(
+            f"{name} {pct}%" for name, pct in list(profile["self_pct_by_package"].items())[:12]
+        ),
+        "  where the samples were (self):",
+    ]
+    lines += [f"    {row['pct']:5.1f}%  {row['function']}" for row in profile["self_pct"][:10]]
+    lines.append("  under what (inclusive):")
+    lines += [f"    {row['pct']:5.1f}%  {row['function']}" for row in profile["inclusive_pct"][:12]]
+    return lines
