@@ -310,9 +310,11 @@ def _redacted(url: str) -> str:
 # /proc readings
 
 
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process, all its threads, from /proc/<pid>/stat."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
+def cpu_s(pid: int, *, main_thread: bool = False) -> float:
+    """User + system CPU seconds of a process, all its threads (or its main thread only),
+    from /proc/<pid>/stat (/proc/<pid>/task/<pid>/stat)."""
+    where = f"/proc/{pid}/task/{pid}/stat" if main_thread else f"/proc/{pid}/stat"
+    stat = Path(where).read_text()
     fields = stat[stat.rindex(")") + 2 :].split()  # fields from the 3rd (state) on
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -526,7 +528,7 @@ class LoadResult:
     errors: dict[str, int] = field(default_factory=dict)
     wall_s: float = 0.0
     load_cpu_s: float = 0.0  # the load generator's own CPU over the measured part
-    cpu_s_start: dict[int, float] = field(default_factory=dict)  # of job.cpu_pids
+    cpu_s_start: dict[int, tuple[float, float]] = field(default_factory=dict)  # process, main
     latency_ms: list[float] = field(default_factory=list)  # to the last byte
     ttfb_ms: list[float] = field(default_factory=list)  # to the first body chunk
     chunks: list[int] = field(default_factory=list)  # body reads per response
@@ -557,7 +559,7 @@ async def run_load(job: LoadJob) -> LoadResult:
         result = LoadResult()
         for pid in job.cpu_pids:
             await _until_idle(pid)
-            result.cpu_s_start[pid] = cpu_s(pid)
+            result.cpu_s_start[pid] = (cpu_s(pid), cpu_s(pid, main_thread=True))
         cpu_before_s = _own_cpu_s()
         started_s = time.perf_counter()
         await _drive(session, job, job.requests, result, track_open=job.rss_pid is not None)
@@ -825,7 +827,8 @@ class Bench:
     def _load(self, what: str, target: Target, job: LoadJob) -> LoadResult:
         """Run one job on the load generator; say what runs, for the person waiting."""
         assert self._load_conn is not None
-        print(f"  {what}: {target.name}, {job.requests} requests", flush=True)
+        unit = "streams" if job.stream else "requests"
+        print(f"  {what}: {target.name}, {job.requests} {unit}", flush=True)
         self._load_conn.send(job)
         return self._load_conn.recv()
 
@@ -907,15 +910,19 @@ class Bench:
                 ),
             )
             drain_ms = self._wait_idle(target.pid)
-            cpu_used_s = cpu_s(target.pid) - result.cpu_s_start[target.pid]
-            mock_used_s = cpu_s(mock_pid) - result.cpu_s_start[mock_pid]
+            cpu_used_s = cpu_s(target.pid) - result.cpu_s_start[target.pid][0]
+            main_used_s = cpu_s(target.pid, main_thread=True) - result.cpu_s_start[target.pid][1]
+            mock_used_s = cpu_s(mock_pid) - result.cpu_s_start[mock_pid][0]
+            per_request_ms = 1000 / max(1, result.requests)
             section[target.name] = {
                 **_counts(result),
                 "requests_per_s": _round(result.requests / result.wall_s if result.wall_s else 0),
                 "latency_ms_p50": _round(percentile(result.latency_ms, 50)),
                 "latency_ms_p99": _round(percentile(result.latency_ms, 99)),
-                "cpu_ms_per_request": _round(cpu_used_s * 1000 / max(1, result.requests), 3),
-                "mock_cpu_ms_per_request": _round(mock_used_s * 1000 / max(1, result.requests), 3),
+                "cpu_ms_per_request": _round(cpu_used_s * per_request_ms, 3),
+                # the event loop's thread; the rest is other threads (aiosqlite's, to_thread's)
+                "main_thread_cpu_ms_per_request": _round(main_used_s * per_request_ms, 3),
+                "mock_cpu_ms_per_request": _round(mock_used_s * per_request_ms, 3),
                 "load_cpu_pct": _round(
                     100 * result.load_cpu_s / result.wall_s if result.wall_s else 0, 1
                 ),
@@ -994,7 +1001,7 @@ class Bench:
                 "ttlb_ms_p99": _round(percentile(result.latency_ms, 99), 3),
                 "reads_per_stream_p50": percentile(result.chunks, 50),
                 "cpu_ms_per_stream": _round(
-                    (cpu_s(target.pid) - result.cpu_s_start[target.pid])
+                    (cpu_s(target.pid) - result.cpu_s_start[target.pid][0])
                     * 1000
                     / max(1, result.requests),
                     3,
@@ -1019,7 +1026,7 @@ class Bench:
             self._wait_idle(target.pid)
             idle_kb = rss_kb(target.pid)
             result = self._load(
-                "open streams",
+                "memory, held open",
                 target,
                 self._job(
                     target,
@@ -1083,7 +1090,9 @@ class Bench:
         assert spy_path is not None
         self._wait_idle(proxy.pid)
         command = [spy_path, "record", "--pid", str(proxy.pid), "--output", str(path)]
-        command += ["--format", "raw", "--rate", str(PROFILE_RATE_HZ)]
+        # --gil: only the thread running Python (waits release the GIL, so they do not count;
+        # neither does SQLite's own C code: main_thread_cpu_ms_per_request shows that part)
+        command += ["--format", "raw", "--rate", str(PROFILE_RATE_HZ), "--gil"]
         spy = subprocess.Popen(
             command,
             stdout=subprocess.DEVNULL,
@@ -1568,18 +1577,23 @@ def render_table(report: dict[str, Any]) -> str:
     lines += [
         "",
         f"non-streaming, concurrency {ns['concurrency']}, {ns['requests']} requests each",
-        f"  {'':<16}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'CPU ms/req':>12}{'client CPU':>12}",
+        f"  {'':<16}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'CPU ms/req':>12}{'loop':>8}"
+        f"{'client CPU':>12}",
     ]
     for name in ("direct", "bare", "proxy"):
         row = ns[name]
         lines.append(
             f"  {name:<16}{row['requests_per_s']:>9.0f}{row['latency_ms_p50']:>9.2f}"
             f"{row['latency_ms_p99']:>9.2f}{row['cpu_ms_per_request']:>12.3f}"
-            f"{row['load_cpu_pct']:>11.0f}%"
+            f"{row['main_thread_cpu_ms_per_request']:>8.3f}{row['load_cpu_pct']:>11.0f}%"
         )
     lines.append(
         f"  {'proxy / bare':<16}{ns['ratio_proxy_to_bare_requests_per_s']:>9.3f}"
         f"{'':>18}{ns['ratio_proxy_to_bare_cpu_ms_per_request']:>12.2f}"
+    )
+    lines.append(
+        "  (CPU: of the process measured, every thread; direct: the mock's; loop: its event "
+        "loop's thread alone; client CPU: the load generator's share of one core)"
     )
     lines += [
         "",
@@ -1657,9 +1671,9 @@ def _profile_lines(profile: dict[str, Any]) -> list[str]:
     if "error" in profile:
         return [f"profile: py-spy failed: {profile['error']}"]
     lines = [
-        f"profile of the proxy, {profile['requests']} non-streaming requests, "
-        f"{profile['samples']} samples at {profile['rate_hz']} Hz (collapsed stacks: "
-        f"{profile['file']})",
+        f"profile of the proxy (py-spy --gil: where Python held the GIL), "
+        f"{profile['requests']} non-streaming requests, {profile['samples']} samples at "
+        f"{profile['rate_hz']} Hz (collapsed stacks: {profile['file']})",
         "  self time by package: "
         + ", ".join(
             f"{name} {pct}%" for name, pct in list(profile["self_pct_by_package"].items())[:12]
