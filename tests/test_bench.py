@@ -17,6 +17,7 @@ from proxy.bench import Pinning, _redacted, percentile
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 TARGETS = {
     "throughput_ratio",
+    "throughput_ratio_per_cpu_s",
     "added_latency_ms_p50",
     "added_latency_ms_p99",
     "stream_added_ttfb_ms_p99",
@@ -69,6 +70,8 @@ def test_quick_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert ns["proxy"]["cpu_ms_per_request"] > 0
     assert ns["ratio_proxy_to_bare_requests_per_s"] > 0
     assert ns["ratio_proxy_to_bare_cpu_ms_per_request"] > 0
+    assert ns["ratio_proxy_to_bare_requests_per_cpu_s"] > 0
+    assert ns["proxy"]["cpu_pct"] > 0
 
     c1 = report["latency_c1"]
     for name in ("direct", "bare", "proxy"):
