@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from multiprocessing.connection import Connection
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import aiohttp
@@ -63,10 +64,10 @@ READY_TIMEOUT_S = 60.0
 IDLE_S = 0.1  # a process that used no CPU for this long is idle
 IDLE_TIMEOUT_S = 10.0  # wait at most this long for the proxy to finish settling after a run
 STOP_TIMEOUT_S = 15.0
-CLIENT_BUSY_PCT = 90
+CLIENT_BUSY_PCT = 90  # a load generator this busy may be what limits the figures
 BOUND_CPU_PCT = 80  # a server process that kept its core less busy than this was not the limit
 PROFILE_RATE_HZ = 250
-PROFILE_TOP = 15  # a load generator this busy may be what limits the figures
+PROFILE_TOP = 15  # functions listed per profile table
 
 # The targets of the performance issue; the throughput ratio is 0.4 on PostgreSQL.
 THROUGHPUT_RATIO_MIN_SQLITE = 0.6
@@ -79,7 +80,7 @@ KB_PER_STREAM_MAX = 40.0
 # few hundred KB with the allocator's arenas and SQLite's page cache even without a leak).
 RSS_GROWTH_KB_PER_1000_REQUESTS_MAX = 20.0
 
-# A Claude Code-like request (system prompt, a short conversation); about 2 KB of JSON.
+# A Claude Code-like request (system prompt, a short conversation); about 1.3 KB of JSON.
 SYSTEM_PROMPT = (
     "You are Claude Code, Anthropic's official CLI for Claude. You are an interactive CLI tool "
     "that helps users with software engineering tasks. Use the instructions below and the tools "
@@ -95,14 +96,16 @@ CONVERSATION = (
     {"role": "user", "content": "Now add a test for a stream that is cut half-way, please."},
 )
 
-DEFAULTS = {  # full run, quick run
-    "requests": (5000, 200),
-    "latency_requests": (1000, 50),
-    "streams": (1000, 50),
-    "open_streams": (1000, 50),
-    "hold_s": (20.0, 3.0),
-    "warmup_requests": (200, 20),
-}
+DEFAULTS = MappingProxyType(  # option: (full run, quick run)
+    {
+        "requests": (5000, 200),
+        "latency_requests": (1000, 50),
+        "streams": (1000, 50),
+        "open_streams": (1000, 50),
+        "hold_s": (20.0, 3.0),
+        "warmup_requests": (200, 20),
+    }
+)
 
 
 class BenchError(Exception):
@@ -167,8 +170,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     bench.add_argument(
         "--store",
-        help="the proxy's store.url (default: a fresh SQLite file in a temporary folder); "
-        "e.g. postgresql://user@127.0.0.1:5432/bench",
+        help="the proxy's store.url (default: a fresh SQLite file in the run's temporary "
+        "folder, where a relative sqlite:/// path also goes); e.g. "
+        "postgresql://user@127.0.0.1:5432/bench",
     )
     bench.add_argument(
         "--pricing",
@@ -196,15 +200,22 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
 
 
+def _whole(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _whole(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
     return value
 
 
 def _non_negative_int(text: str) -> int:
-    value = int(text)
+    value = _whole(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return value
@@ -227,6 +238,7 @@ class BenchOptions:
     pin: bool
     keep: bool
     profile: Path | None = None
+    json_path: Path | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> BenchOptions:
@@ -253,12 +265,14 @@ class BenchOptions:
             pin=not args.no_pin,
             keep=args.keep,
             profile=args.profile,
+            json_path=args.json,
         )
 
     def json(self) -> dict[str, Any]:
         fields = dataclasses.asdict(self)
         fields["pricing"] = str(self.pricing)
         fields["profile"] = str(self.profile) if self.profile else None
+        fields["json_path"] = str(self.json_path) if self.json_path else None
         fields["store_url"] = _redacted(self.store_url) if self.store_url else None
         return fields
 
@@ -276,8 +290,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"usage-proxy: bench: {exc}", file=sys.stderr)
         return 1
     print(render_table(report))
-    if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    if options.json_path is not None:
+        options.json_path.write_text(json.dumps(report, indent=2) + "\n")
     return 0 if report["all_ok"] else 1
 
 
@@ -290,6 +304,9 @@ def _check_options(options: BenchOptions) -> str | None:
         return f"--pricing: {options.pricing}: no such file (run from the checkout, or name it)"
     if options.hold_s <= 0:
         return f"--hold-s: must be more than 0, got {options.hold_s}"
+    for name, path in (("--json", options.json_path), ("--profile", options.profile)):
+        if path is not None and not path.parent.is_dir():
+            return f"{name}: {path.parent}: no such folder"
     if options.profile is not None and py_spy() is None:
         return "--profile: py-spy is not installed (pip install py-spy)"
     if sys.platform != "linux":
@@ -626,7 +643,7 @@ async def _drive(
                                     opened.all_open.set()
                         reads += 1
                     status = response.status
-            except (aiohttp.ClientError, TimeoutError) as exc:
+            except (aiohttp.ClientError, OSError) as exc:  # TimeoutError is an OSError
                 errors[type(exc).__name__] += 1
                 continue
             finally:
@@ -718,7 +735,9 @@ class Bench:
         _raise_open_files_limit(3 * self.options.open_streams + 256)
         with contextlib.ExitStack() as stack:
             folder = Path(tempfile.mkdtemp(prefix="usage-proxy-bench-"))
-            if not self.options.keep:
+            if self.options.keep:
+                print(f"  config, store and logs in {folder} (kept)", flush=True)
+            else:
                 stack.callback(shutil.rmtree, folder, ignore_errors=True)
             mock_port = self._start_server(stack, "mock", self.pinning.mock, _uvloop_installed())
             mock_url = f"http://127.0.0.1:{mock_port}"
@@ -789,7 +808,10 @@ class Bench:
         stack.callback(_stop_process, process)
         if not parent.poll(READY_TIMEOUT_S):
             raise BenchError(f"the {role} process did not start within {READY_TIMEOUT_S:.0f} s")
-        port = parent.recv()
+        try:
+            port = parent.recv()
+        except EOFError:
+            raise BenchError(f"the {role} process exited on start") from None
         self._pids[role] = process.pid
         return port
 
@@ -831,7 +853,10 @@ class Bench:
         unit = "streams" if job.stream else "requests"
         print(f"  {what}: {target.name}, {job.requests} {unit}", flush=True)
         self._load_conn.send(job)
-        return self._load_conn.recv()
+        try:
+            return self._load_conn.recv()
+        except EOFError:
+            raise BenchError(f"the load generator exited during {what}, {target.name}") from None
 
     def _job(
         self, target: Target, *, stream: bool, headers: dict[str, str], **kwargs: Any
@@ -1155,6 +1180,7 @@ class Bench:
             "uvloop_proxy": proxy_uvloop,
             "store": _store_kind(store_url),
             "store_url": _redacted(store_url),
+            "store_fresh": self.options.store_url is None,
             "pinning": self.pinning.json(),
             "pinning_text": self.pinning.describe(),
             "load_generator": "aiohttp client, one process",
@@ -1584,7 +1610,8 @@ def render_table(report: dict[str, Any]) -> str:
         f"usage-proxy bench: {env['cores']} cores ({env['cpu_model']}), load average "
         f"{env['load_avg_1m']} at start; {env['pinning_text']}",
         f"Python {env['python_version']}, aiohttp {env['aiohttp_version']}, uvloop in the "
-        f"proxy: {uvloop}, store: {env['store']} ({env['store_url']})",
+        f"proxy: {uvloop}, store: {env['store']} "
+        f"({'a fresh file' if env['store_fresh'] else env['store_url']})",
     ]
     if report["options"]["quick"]:
         lines.append("QUICK RUN: tiny counts; the figures show the command works, not its speed")
