@@ -26,8 +26,10 @@ from proxy.errors import ConfigError
 from proxy.logs import configure_logging
 from proxy.mock_upstream import create_mock_app
 from proxy.orgfile import load_orgs
-from proxy.settings import Settings, load_settings
+from proxy.settings import Settings, StoreSettings, load_settings
 from proxy.store import open_store
+from proxy.store.base import StoreUnavailable
+from proxy.store.move import MoveRefused, move_store
 
 DEFAULT_CONFIG = Path("config/proxy.toml")
 DEMO_UPSTREAM_KEY = "sk-demo-upstream-key"
@@ -88,6 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     verify.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     verify.add_argument("--json", action="store_true", help="print JSON")
+    move = admin_commands.add_parser(
+        "migrate-store",
+        help="copy a whole store into an empty one (e.g. SQLite to PostgreSQL), then compare",
+        description="Stop the proxy first. Copies every table in one transaction of the "
+        "target, then compares row counts, balances and transfers and verifies the target.",
+    )
+    move.add_argument("--from", dest="source", required=True, help="store URL to copy")
+    move.add_argument("--to", dest="target", required=True, help="empty store URL to fill")
+    move.add_argument("--json", action="store_true", help="print JSON")
     admincli.add_commands(admin_commands)
 
     bench.add_parser(commands)
@@ -114,6 +125,14 @@ def main(argv: list[str] | None = None) -> int:
             return _member_call(args, "GET", "/v1/usage")
         if args.command == "admin" and args.admin_command == "verify":
             return asyncio.run(_verify(load_settings(args.config), as_json=args.json))
+        if args.command == "admin" and args.admin_command == "migrate-store":
+            problem = _store_url_problem(
+                "--from", args.source, must_exist=True
+            ) or _store_url_problem("--to", args.target, must_exist=False)
+            if problem:
+                print(f"usage-proxy: {problem}", file=sys.stderr)
+                return 2
+            return asyncio.run(_migrate_store(args.source, args.target, as_json=args.json))
         if args.command == "admin":
             return admincli.main(args)
         if args.command == "bench":
@@ -121,12 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"usage-proxy: config error: {exc}", file=sys.stderr)
         return 2
+    except StoreUnavailable as exc:
+        print(f"usage-proxy: store error: {exc}", file=sys.stderr)
+        return 1
     return 2
 
 
 async def _verify(settings: Settings, *, as_json: bool) -> int:
     """Recompute balances from transfers; exit 0 only when all agree and nothing is stale."""
-    store = await open_store(settings.store.url)
+    store = await open_store(settings.store)
     try:
         result = await store.verify(SystemClock().now_s())
     finally:
@@ -147,6 +169,49 @@ async def _verify(settings: Settings, *, as_json: bool) -> int:
         for line in result.mismatches:
             print(f"  {line}")
     return 0 if not result.mismatches and not result.pending_reservations else 1
+
+
+def _store_url_problem(flag: str, url: str, *, must_exist: bool) -> str | None:
+    if not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
+        return f"{flag}: must start with sqlite:/// or postgresql://"
+    path = url.removeprefix("sqlite:///")
+    if must_exist and url.startswith("sqlite:///") and not Path(path).is_file():
+        return f"{flag}: no such file {path}"
+    return None
+
+
+async def _migrate_store(source_url: str, target_url: str, *, as_json: bool) -> int:
+    source = await open_store(StoreSettings(url=source_url))
+    try:
+        target = await open_store(StoreSettings(url=target_url))
+        try:
+            report = await move_store(source, target, SystemClock().now_s())  # type: ignore[arg-type]
+        finally:
+            await target.close()
+    except MoveRefused as exc:
+        print(f"usage-proxy: migrate-store: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await source.close()
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "ok": report.ok,
+                    "rows": {t: {"from": a, "to": b} for t, (a, b) in report.rows.items()},
+                    "ledger_equal": report.ledger_equal,
+                    "mismatches": len(report.mismatches),
+                }
+            )
+        )
+    else:
+        for table, (copied, landed) in report.rows.items():
+            print(
+                f"{table:<12} {copied:>9} -> {landed:<9} {'ok' if copied == landed else 'DIFFERS'}"
+            )
+        print(f"balances and transfers equal: {'yes' if report.ledger_equal else 'NO'}")
+        print(f"mismatches: {len(report.mismatches)}")
+    return 0 if report.ok else 1
 
 
 def _member_call(args: argparse.Namespace, method: str, path: str) -> int:

@@ -38,6 +38,7 @@ from proxy.settings import Settings
 from proxy.store import open_store
 from proxy.tasks import Tasks
 from proxy.tokens import TokenCounter
+from proxy.ui import views as ui_views
 from proxy.upstream import Upstream
 
 log = structlog.get_logger("proxy.app")
@@ -78,12 +79,13 @@ def create_app(
         app.router.add_post("/admin/v1/clock", _advance_clock)
     app.router.add_route("*", "/v1/{tail:.*}", handlers.passthrough)
     admin_routes.setup(app)
+    ui_views.setup(app)  # the web pages under /ui/
     return app
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    store = await open_store(settings.store.url)
+    store = await open_store(settings.store)
     try:
         if settings.orgs_file is not None:
             await store.apply_orgs(

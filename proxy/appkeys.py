@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # the names in the keys' string annotations below
     from proxy.store.base import Store  # noqa: F401
     from proxy.tasks import Tasks  # noqa: F401
     from proxy.tokens import TokenCounter  # noqa: F401
+    from proxy.ui.sessions import Sessions  # noqa: F401
     from proxy.upstream import Upstream  # noqa: F401
 
 SETTINGS = web.AppKey["Settings"]("settings")
@@ -30,5 +31,6 @@ TOKENS = web.AppKey["TokenCounter"]("tokens")
 PAYMENTS = web.AppKey["PaymentProvider"]("payments")
 WEBHOOKS = web.AppKey["WebhookSender"]("webhooks")
 METRICS = web.AppKey["Metrics"]("metrics")
+SESSIONS = web.AppKey["Sessions"]("sessions")  # the web pages' sign-ins
 
 EXCHANGE = web.RequestKey["Exchange"]("exchange")

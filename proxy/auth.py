@@ -57,7 +57,10 @@ class KeyCache:
         self._seats.clear()
 
     async def seat(self, key: str) -> Seat | None:
-        digest = hash_key(key)
+        return await self.seat_by_hash(hash_key(key))
+
+    async def seat_by_hash(self, digest: str) -> Seat | None:
+        """The seat of the key whose SHA-256 is `digest` (a web session keeps only that)."""
         cached = self._seats.get(digest)
         now_s = self._clock.now_s()
         if cached is not None and now_s < cached[1]:

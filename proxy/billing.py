@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from typing import Protocol
@@ -36,6 +37,7 @@ from proxy.store.base import (
     Settled,
     Settlement,
     Store,
+    StoreUnavailable,
 )
 from proxy.tasks import Tasks
 
@@ -77,6 +79,7 @@ class Billing:
         self._prices: PriceTable = settings.prices
         self._tiers = settings.plans.tiers
         self._reservation_ttl_s = settings.store.reservation_ttl_s
+        self._settle_retry_s = settings.store.settle_retry_s
         self._thresholds_pct = settings.alerts.thresholds_pct
         self.links = links
 
@@ -135,7 +138,7 @@ class Billing:
             upstream_ms=ex.upstream_ms,
             duration_ms=(time.perf_counter() - ex.started_s) * 1000,
         )
-        settled = await self._store.settle(settlement, self._tiers)
+        settled = await self._settle_retrying(settlement)
         if settled is None:
             return
         webhook = _webhook(settled.webhook)
@@ -143,6 +146,24 @@ class Billing:
             self._tasks.spawn(self._reload(settled.reload, webhook), name=f"reload {ex.request_id}")
         alerts = settlement_alerts(settled, settlement.settled_at_s, self._thresholds_pct)
         await self._alerts.raise_alerts(alerts, webhook)
+
+    async def _settle_retrying(self, settlement: Settlement) -> Settled | None:
+        """Settle; while the store is unreachable (a restart), try again with backoff for up to
+        `store.settle_retry_s`. Settling is idempotent on the request id, so a retry after a
+        commit whose answer was lost posts nothing twice. Past the bound the reservation stays
+        pending and the sweeper of any replica expires it."""
+        deadline_s = time.monotonic() + self._settle_retry_s
+        delay_s = 0.05
+        while True:
+            try:
+                return await self._store.settle(settlement, self._tiers)
+            except StoreUnavailable as exc:
+                if time.monotonic() + delay_s > deadline_s:
+                    log.error("settle_gave_up", request_id=settlement.request_id, reason=str(exc))
+                    raise
+                log.warning("settle_retrying", request_id=settlement.request_id, reason=str(exc))
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 2.0)
 
     async def _reload(self, order: ReloadOrder, webhook: Webhook | None) -> None:
         """Buy an auto-reload off the request path; a failure is recorded, logged and alerted."""

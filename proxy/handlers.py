@@ -150,38 +150,42 @@ def wants_to_continue(request: web.Request) -> bool:
 
 async def continue_extra_usage(request: web.Request) -> web.Response:
     """POST /v1/extra-usage/continue: opt in to extra usage until the blocking window resets."""
-    seat = await authenticate(request)
-    status = await request.app[BILLING].continue_extra_usage(seat.member_id)
+    return web.json_response(await continue_for(request.app, await authenticate(request)))
+
+
+async def continue_for(app: web.Application, seat: Seat) -> dict[str, Any]:
+    """Opt the member in to extra usage until the blocking window resets; the JSON answer."""
+    status = await app[BILLING].continue_extra_usage(seat.member_id)
     if not status.member.extra_usage_enabled:
         raise extra_usage_disabled_refusal(seat)
     if status.member.consent == "always":
-        return web.json_response(
-            {
-                "status": "active",
-                "consent": "always",
-                "consent_until": None,
-                "message": 'Extra usage is always on for you (consent "always"): requests beyond '
-                "your included quota are billed at API rates.",
-            }
-        )
-    assert status.member.consent_until_s is not None
-    return web.json_response(
-        {
+        return {
             "status": "active",
-            "consent": "ask",
-            "consent_until": rfc3339(status.member.consent_until_s),
-            "message": "Extra usage is on for you until "
-            f"{reset_phrase(status.member.consent_until_s, seat.timezone)}; requests beyond your "
-            "included quota are billed at API rates.",
+            "consent": "always",
+            "consent_until": None,
+            "message": 'Extra usage is always on for you (consent "always"): requests beyond '
+            "your included quota are billed at API rates.",
         }
-    )
+    assert status.member.consent_until_s is not None
+    return {
+        "status": "active",
+        "consent": "ask",
+        "consent_until": rfc3339(status.member.consent_until_s),
+        "message": "Extra usage is on for you until "
+        f"{reset_phrase(status.member.consent_until_s, seat.timezone)}; requests beyond your "
+        "included quota are billed at API rates.",
+    }
 
 
 async def member_usage(request: web.Request) -> web.Response:
     """GET /v1/usage: the member's own windows, extra usage state and month-to-date spend."""
-    seat = await authenticate(request)
-    now_s = request.app[CLOCK].now_s()
-    status = await request.app[BILLING].status(seat.member_id)
+    return web.json_response(await usage_of(request.app, await authenticate(request)))
+
+
+async def usage_of(app: web.Application, seat: Seat) -> dict[str, Any]:
+    """A member's own windows, extra usage state and month-to-date spend: GET /v1/usage's body."""
+    now_s = app[CLOCK].now_s()
+    status = await app[BILLING].status(seat.member_id)
     member, funds = status.member, status.funds
     if not member.extra_usage_enabled:
         extra_status = "off"
@@ -190,31 +194,29 @@ async def member_usage(request: web.Request) -> web.Response:
     limit = funds.account(MEMBER_MONTHLY, TIER_MONTHLY)
     org = funds.account(ORG_MONTHLY)
     balance = funds.account(BALANCE)
-    return web.json_response(
-        {
-            "member": {
-                "email": seat.email,
-                "org": seat.org_id,
-                "tier": seat.tier,
-                "role": seat.role,
-            },
-            "session": _window_view(status.windows, SESSION),
-            "weekly": _window_view(status.windows, WEEKLY),
-            "extra_usage": {
-                "status": extra_status,
-                "consent": member.consent,
-                "consent_until": rfc3339(member.consent_until_s)
-                if member.consent_until_s is not None and member.consent_until_s > now_s
-                else None,
-                "month": funds.month,
-                "month_spent_usd": format_usd(funds.member_spent_nanos),
-                "member_limit_usd": _limit_view(limit),
-                "org_month_spent_usd": format_usd(org.used_nanos if org else 0),
-                "org_limit_usd": _limit_view(org),
-                "balance_usd": format_usd(balance.limit_nanos or 0) if balance else None,
-            },
-        }
-    )
+    return {
+        "member": {
+            "email": seat.email,
+            "org": seat.org_id,
+            "tier": seat.tier,
+            "role": seat.role,
+        },
+        "session": _window_view(status.windows, SESSION),
+        "weekly": _window_view(status.windows, WEEKLY),
+        "extra_usage": {
+            "status": extra_status,
+            "consent": member.consent,
+            "consent_until": rfc3339(member.consent_until_s)
+            if member.consent_until_s is not None and member.consent_until_s > now_s
+            else None,
+            "month": funds.month,
+            "month_spent_usd": format_usd(funds.member_spent_nanos),
+            "member_limit_usd": _limit_view(limit),
+            "org_month_spent_usd": format_usd(org.used_nanos if org else 0),
+            "org_limit_usd": _limit_view(org),
+            "balance_usd": format_usd(balance.limit_nanos or 0) if balance else None,
+        },
+    }
 
 
 def _window_view(windows: Windows, kind: str) -> dict[str, Any] | None:

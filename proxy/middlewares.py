@@ -13,6 +13,7 @@ from proxy.appkeys import EXCHANGE, METRICS
 from proxy.errors import Refusal, error_body
 from proxy.exchange import Exchange
 from proxy.logs import request_line
+from proxy.store.base import StoreUnavailable
 
 log = structlog.get_logger("proxy.request")
 
@@ -47,6 +48,16 @@ async def exchange_middleware(request: web.Request, handler: Handler) -> web.Str
         if status < 500:  # the proxy's own 4xx: retrying the same request cannot help, and
             headers = {"x-should-retry": "false", **headers}  # Claude Code retries a 401 for 3 min
         return _error_response(ex, refusal.status, refusal.body(), headers)
+    except StoreUnavailable as exc:
+        ex.outcome = "store_unavailable"
+        status = 503
+        log.warning("store_unavailable", reason=str(exc))
+        body = error_body(
+            "api_error",
+            "The proxy cannot reach its usage store right now, so it cannot meter this "
+            "request; nothing was charged. Try again in a moment.",
+        )
+        return _error_response(ex, 503, body, {})
     except web.HTTPException as exc:
         ex.outcome = "rejected"
         status = exc.status

@@ -166,8 +166,11 @@ class UpstreamSettings:
 
 @dataclass(frozen=True, slots=True)
 class StoreSettings:
-    url: str = "sqlite:///usage-proxy.db"
+    url: str = field(default="sqlite:///usage-proxy.db", repr=False)  # may hold a password
     reservation_ttl_s: int = 900
+    pool_size: int = 10  # PostgreSQL: connections per replica
+    pool_timeout_s: float = 5.0  # PostgreSQL: wait this long for a free connection, then 503
+    settle_retry_s: float = 60.0  # a settlement the store refused is tried again this long
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +232,9 @@ def load_settings(path: Path, env: Mapping[str, str] | None = None) -> Settings:
     store = StoreSettings(
         url=_resolve_store_url(st.get("url", str, "sqlite:///usage-proxy.db"), base_dir),
         reservation_ttl_s=int(st.number("reservation_ttl_s", 900, minimum=1)),
+        pool_size=int(st.number("pool_size", 10, minimum=1)),
+        pool_timeout_s=st.number("pool_timeout_s", 5.0, minimum=0.001),
+        settle_retry_s=st.number("settle_retry_s", 60.0, minimum=0),
     )
     if not store.url.startswith(("sqlite:///", "postgresql://", "postgres://")):
         raise st.fail("url", "must start with sqlite:/// or postgresql://")

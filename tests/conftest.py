@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-from collections.abc import Callable
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -20,6 +23,10 @@ from proxy.clock import FakeClock
 from proxy.mock_upstream import create_mock_app
 from proxy.settings import Settings, load_settings
 
+# The machine's PostgreSQL (trust auth); tests that need it get a schema of their own on it.
+POSTGRES_URL = os.environ.get(
+    "USAGE_PROXY_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
+)
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 UPSTREAM_KEY = "sk-ant-test-upstream-key-never-shown"
 ADMIN_TOKEN = "test-operator-token-0123456789"
@@ -58,11 +65,38 @@ def _no_anthropic_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
+@asynccontextmanager
+async def postgres_schema() -> AsyncIterator[str]:
+    """A store URL on a fresh schema of the local PostgreSQL, dropped afterwards. The test is
+    skipped when no server answers, unless USAGE_PROXY_REQUIRE_POSTGRES=1 (CI) fails it."""
+    try:
+        admin = await asyncpg.connect(POSTGRES_URL, timeout=5)
+    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        reason = f"PostgreSQL not reachable at {POSTGRES_URL}: {exc}"
+        if os.environ.get("USAGE_PROXY_REQUIRE_POSTGRES") == "1":
+            pytest.fail(reason + " (USAGE_PROXY_REQUIRE_POSTGRES=1)")
+        pytest.skip(reason)
+    schema = f"test_{uuid.uuid4().hex[:16]}"
+    await admin.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield f"{POSTGRES_URL}?search_path={schema}"
+    finally:
+        await admin.execute(f"DROP SCHEMA {schema} CASCADE")
+        await admin.close()
+
+
+@pytest.fixture
+async def postgres_url() -> AsyncIterator[str]:
+    async with postgres_schema() as url:
+        yield url
+
+
 @dataclass
 class ConfigFactory:
     """Writes a config directory (real pricing and plans, given orgs) and loads it."""
 
     root: Path
+    store_url: str = "sqlite:///proxy.db"
 
     def write(
         self,
@@ -71,10 +105,11 @@ class ConfigFactory:
         orgs: str = DEFAULT_ORGS,
         server: str = "",
         upstream: str = "",
+        store: str = "",
         tables: str = "",
         plans: str | None = None,
     ) -> Path:
-        """`server` and `upstream` are extra TOML lines for those tables of proxy.toml;
+        """`server`, `upstream` and `store` are extra TOML lines for those tables of proxy.toml;
         `tables` adds whole tables."""
         self.root.mkdir(parents=True, exist_ok=True)
         shutil.copy(CONFIG_DIR / "pricing.toml", self.root / "pricing.toml")
@@ -87,7 +122,7 @@ class ConfigFactory:
         path.write_text(
             f"[server]\n{server}\n"
             f'[upstream]\nbase_url = "{upstream_url}"\n{upstream}\n'
-            f'[store]\nurl = "sqlite:///proxy.db"\n'
+            f'[store]\nurl = "{self.store_url}"\n{store}\n'
             f'[files]\norgs = "orgs.toml"\n{tables}'
         )
         return path
@@ -97,9 +132,27 @@ class ConfigFactory:
         return load_settings(self.write(**kwargs), env=env)
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests of a module marked `both_stores` run on SQLite and on PostgreSQL."""
+    if "store_url" in metafunc.fixturenames and metafunc.definition.get_closest_marker(
+        "both_stores"
+    ):
+        metafunc.parametrize("store_url", ["sqlite", "postgresql"], indirect=True)
+
+
 @pytest.fixture
-def config(tmp_path: Path) -> ConfigFactory:
-    return ConfigFactory(tmp_path / "config")
+async def store_url(request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    """The store of the proxy under test: SQLite, unless parametrized (`both_stores`)."""
+    if getattr(request, "param", "sqlite") == "postgresql":
+        async with postgres_schema() as url:
+            yield url
+    else:
+        yield "sqlite:///proxy.db"
+
+
+@pytest.fixture
+def config(tmp_path: Path, store_url: str) -> ConfigFactory:
+    return ConfigFactory(tmp_path / "config", store_url)
 
 
 @pytest.fixture
@@ -134,6 +187,17 @@ async def start_proxy(
         await asyncio.sleep(0.05)  # settlements run just after the response
         verification = await server.app[STORE].verify(clock.now_s())
         assert verification.mismatches == (), verification.mismatches
+
+
+async def settled(proxy: TestServer, count: int = 1, timeout_s: float = 5.0):
+    """The newest `count` request records once none is pending (settlement runs after relay)."""
+    store = proxy.app[STORE]
+    for _ in range(int(timeout_s / 0.02)):
+        records = await store.recent_requests(count)
+        if len(records) == count and all(r.status != "pending" for r in records):
+            return records
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"requests not settled: {await store.recent_requests(count)}")
 
 
 @pytest.fixture

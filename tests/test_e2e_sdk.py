@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import aiohttp
 import anthropic
 import pytest
 from aiohttp.test_utils import TestServer
 
-from proxy.appkeys import STORE
-from tests.conftest import ALICE_KEY
+from tests.conftest import ALICE_KEY, settled
+
+pytestmark = pytest.mark.both_stores  # every test here on both stores
 
 # A scripted usage and its cost at the seed table's Sonnet 4.5 prices, computed by hand:
 # 1000 input x $3 + 200 output x $15 + 5000 cache read x $0.30 + 300 5m write x $3.75
@@ -33,17 +32,6 @@ def sdk(proxy: TestServer, key: str = ALICE_KEY, **headers: str) -> anthropic.As
         max_retries=0,
         default_headers=headers or None,
     )
-
-
-async def settled(proxy: TestServer, count: int = 1, timeout_s: float = 5.0):
-    """The newest `count` request records once none is pending (settlement runs after relay)."""
-    store = proxy.app[STORE]
-    for _ in range(int(timeout_s / 0.02)):
-        records = await store.recent_requests(count)
-        if len(records) == count and all(r.status != "pending" for r in records):
-            return records
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"requests not settled: {await store.recent_requests(count)}")
 
 
 async def test_non_streaming_cost_header_and_record_match_the_seed_prices(proxy) -> None:

@@ -13,8 +13,10 @@ from aiohttp.test_utils import TestServer
 from proxy.appkeys import STORE
 from proxy.mock_upstream import MOCK_STATE_KEY
 from proxy.money import format_usd
-from tests.conftest import ALICE_KEY, BOB_KEY
-from tests.test_e2e_sdk import PROMPT, sdk, settled
+from tests.conftest import ALICE_KEY, BOB_KEY, settled
+from tests.test_e2e_sdk import PROMPT, sdk
+
+pytestmark = pytest.mark.both_stores  # every test here on both stores
 
 # A session of $0.001: the first request of a window crosses it, the next one is refused.
 TINY_PLANS = """

@@ -11,7 +11,9 @@ from aiohttp.test_utils import TestServer
 from structlog.testing import capture_logs
 
 from proxy.appkeys import STORE
-from tests.conftest import ALICE_KEY, REVOKED_KEY, UPSTREAM_KEY
+from tests.conftest import ALICE_KEY, REVOKED_KEY, UPSTREAM_KEY, settled
+
+pytestmark = pytest.mark.both_stores  # every test here on both stores
 
 MESSAGE = {
     "model": "claude-sonnet-4-5",
@@ -172,7 +174,7 @@ async def test_upstream_unreachable_is_502(start_proxy) -> None:
     status, _, payload = await post_message(proxy)
     assert status == 502
     assert error_of(payload)["type"] == "api_error"
-    record = (await proxy.app[STORE].recent_requests(1))[0]
+    [record] = await settled(proxy)
     assert record.status == "voided" and record.cost_nanos == 0
 
 
@@ -193,7 +195,7 @@ async def test_upstream_errors_are_relayed_unchanged_and_cost_nothing(
     assert got == status
     assert error_of(payload)["type"] == error_type
     assert headers["request-id"].startswith("req_")
-    record = (await proxy.app[STORE].recent_requests(1))[0]
+    [record] = await settled(proxy)
     assert record.status == "voided" and record.cost_nanos == 0
     assert record.upstream_status == status
 
@@ -222,7 +224,7 @@ async def test_upstream_4xx_is_relayed_unchanged_and_costs_nothing(start_proxy, 
     assert status == 401
     assert error_of(payload)["type"] == "authentication_error"
     assert headers["request-id"].startswith("req_0")  # upstream's own request id
-    [record] = await proxy.app[STORE].recent_requests(10)
+    [record] = await settled(proxy)
     assert record.status == "voided" and record.cost_nanos == 0 and record.upstream_status == 401
 
 
@@ -231,7 +233,7 @@ async def test_a_large_prompt_is_estimated_and_reserved(proxy: TestServer) -> No
     big = {**MESSAGE, "messages": [{"role": "user", "content": "hello world " * 25_000}]}
     status, _, _ = await post_message(proxy, big)
     assert status == 200
-    [record] = await proxy.app[STORE].recent_requests(1)
+    [record] = await settled(proxy)
     worst_output_nanos = 256 * 15_000
     assert record.reserved_nanos - worst_output_nanos >= 50_000 * 3_000
 

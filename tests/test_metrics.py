@@ -13,8 +13,8 @@ from yarl import URL
 
 from proxy.exchange import Exchange
 from proxy.metrics import added_latency_s
-from tests.conftest import ALICE_KEY
-from tests.test_e2e_sdk import PROMPT, SCRIPTED_COST_NANOS, SCRIPTED_USAGE, sdk, settled
+from tests.conftest import ALICE_KEY, settled
+from tests.test_e2e_sdk import PROMPT, SCRIPTED_COST_NANOS, SCRIPTED_USAGE, sdk
 from tests.test_quota_e2e import COST, COST_NANOS, SMALL_PLANS, spend
 
 MESSAGES = "/v1/messages"

@@ -14,8 +14,10 @@ from aiohttp.test_utils import TestServer
 from structlog.testing import capture_logs
 from yarl import URL
 
-from tests.conftest import ALICE_KEY, BOB_KEY, DEFAULT_ORGS
-from tests.test_e2e_sdk import PROMPT, sdk, settled
+from tests.conftest import ALICE_KEY, BOB_KEY, DEFAULT_ORGS, settled
+from tests.test_e2e_sdk import PROMPT, sdk
+
+pytestmark = pytest.mark.both_stores  # every test here on both stores
 
 # $0.01 a session: one scripted request (1000 in + 200 out on Sonnet 4.5) costs $0.006.
 SMALL_PLANS = """
@@ -250,7 +252,7 @@ async def test_concurrent_requests_with_any_remaining_overshoot_at_most_what_was
     """The documented overshoot: every request admitted before the window ran out finishes."""
     await spend(small)  # $0.006 of $0.01 used
 
-    headers = {**COST, "x-mock-delay-ms": "100"}
+    headers = {**COST, "x-mock-delay-ms": "500"}  # longer than 5 admissions on a busy machine
     first_wave = await asyncio.gather(*(attempt(small, headers) for _ in range(5)))
     assert first_wave == [200] * 5  # all in flight before any settled
     assert await attempt(small, headers) == 429  # the next one sees the window exhausted

@@ -13,7 +13,7 @@ from proxy.auth import hash_key
 from proxy.errors import ConfigError
 from proxy.orgfile import parse_orgs
 from proxy.settings import Plans, load_settings
-from proxy.store.sqlite import SqliteStore
+from proxy.store.sqlite import open_sqlite
 from tests.conftest import ALICE_KEY, DEFAULT_ORGS, ConfigFactory
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,6 +40,8 @@ def test_upstream_key_is_never_in_repr(config: ConfigFactory) -> None:
         ({"server": 'port = "80"'}, "server.port", "expected a number"),
         ({"server": "colour = 1"}, "server.colour", "unknown key"),
         ({"upstream_url": "ftp://x"}, "upstream.base_url", "http"),
+        ({"store": "pool_size = 0"}, "store.pool_size", "at least 1"),
+        ({"store": "pool_timeout_s = -1"}, "store.pool_timeout_s", "at least"),
         ({"tables": "[alerts]\nthresholds_pct = [50, 150]\n"}, "alerts.thresholds_pct", "1 to 100"),
         (
             {"plans": "[tiers.standard]\nsession_window_hours = 5\n"},
@@ -159,15 +161,13 @@ def test_cli_exits_non_zero_with_one_line_for_a_bad_config(tmp_path: Path) -> No
 async def test_orgs_file_applies_idempotently_and_keeps_later_changes(tmp_path: Path) -> None:
     plans = Plans.from_mapping({"tiers": {"standard": {"session_included_usd": 5}}}, "plans.toml")
     orgs = parse_orgs(tomllib.loads(DEFAULT_ORGS), "orgs.toml", plans)
-    store = await SqliteStore.open(str(tmp_path / "s.db"))
+    store = await open_sqlite(str(tmp_path / "s.db"))
     try:
         await store.apply_orgs(orgs, 0.0)
         seat = await store.find_seat(hash_key(ALICE_KEY))
         assert seat is not None and seat.role == "owner"
         # a change made later (as the admin API would) survives a re-apply of the same file
-        await store._conn.execute(
-            "UPDATE members SET role = 'member' WHERE email = ?", ("alice@acme.test",)
-        )
+        await store.update_member("acme", "alice@acme.test", {"role": "member"})
         await store.apply_orgs(orgs, 1.0)
         seat = await store.find_seat(hash_key(ALICE_KEY))
         assert seat is not None and seat.role == "member"
@@ -183,15 +183,16 @@ async def test_orgs_file_applies_idempotently_and_keeps_later_changes(tmp_path: 
 
 
 async def test_admin_verify_reports_a_balance_that_differs_from_its_transfers(
-    config: ConfigFactory,
+    tmp_path: Path,
 ) -> None:
     import asyncio
     import json
     import sqlite3
 
+    config = ConfigFactory(tmp_path / "config")  # SQLite: the test edits the file directly
     settings = config.settings()
     path = settings.store.url.removeprefix("sqlite:///")
-    store = await SqliteStore.open(path)
+    store = await open_sqlite(path)
     await store.apply_orgs(parse_orgs(tomllib.loads(DEFAULT_ORGS), "orgs.toml", settings.plans), 0)
     await store.close()
     command = [

@@ -85,10 +85,14 @@ async def get_org(request: web.Request) -> web.Response:
 
 
 async def patch_org(request: web.Request) -> web.Response:
-    """Owners' settings: extra usage on/off and for whom, the monthly limit (effective on the
-    next request), auto-reload, reservation mode, webhook."""
     org = await org_of(request)
     body = read_body(await request.read(), ORG_PATCH)
+    return web.json_response(org_json(await change_org(request.app, org, body)))
+
+
+async def change_org(app: web.Application, org: OrgView, body: dict[str, Any]) -> OrgView:
+    """Owners' settings (a body parsed with ORG_PATCH): extra usage on/off and for whom, the
+    monthly limit (effective on the next request), auto-reload, reservation mode, webhook."""
     changes: dict[str, object] = {}
     members: tuple[str, ...] | None = None
     if "timezone" in body:
@@ -115,46 +119,71 @@ async def patch_org(request: web.Request) -> web.Response:
     if "webhook" in body:
         url, secret_env = body["webhook"] or (None, None)
         changes.update(webhook_url=url, webhook_secret_env=secret_env)
-    await request.app[STORE].update_org(org.id, changes, members)
-    return web.json_response(org_json(await org_of(request)))
+    await app[STORE].update_org(org.id, changes, members)
+    return await _reread(app, org.id)
 
 
 async def put_tier_limit(request: web.Request) -> web.Response:
-    """Enterprise: the monthly limit of every member of a seat tier."""
     org = await org_of(request)
     tier = request.match_info["tier"]
-    if tier not in request.app[SETTINGS].plans.tiers:
+    check_tier_limit(request.app, org, tier)
+    body = read_body(await request.read(), TIER_LIMIT, required=("monthly_spend_limit_usd",))
+    org = await set_tier_limit(request.app, org, tier, body["monthly_spend_limit_usd"])
+    return web.json_response(org_json(org))
+
+
+def check_tier_limit(app: web.Application, org: OrgView, tier: str) -> None:
+    if tier not in app[SETTINGS].plans.tiers:
         raise not_found(f"tier: no seat tier {tier!r} in plans.toml")
     if org.plan != "enterprise":
         raise bad_request("tier: seat-tier limits are for enterprise plans")
-    body = read_body(await request.read(), TIER_LIMIT, required=("monthly_spend_limit_usd",))
-    await request.app[STORE].set_tier_limit(org.id, tier, body["monthly_spend_limit_usd"])
-    return web.json_response(org_json(await org_of(request)))
+
+
+async def set_tier_limit(
+    app: web.Application, org: OrgView, tier: str, limit_nanos: int | None
+) -> OrgView:
+    """Enterprise: the monthly limit of every member of a seat tier (None: unlimited)."""
+    check_tier_limit(app, org, tier)
+    await app[STORE].set_tier_limit(org.id, tier, limit_nanos)
+    return await _reread(app, org.id)
 
 
 async def post_credits(request: web.Request) -> web.Response:
-    """Buy prepaid credits; the same idempotency_key returns the first purchase."""
     org = await org_of(request)
+    check_prepaid(org)
+    body = read_body(await request.read(), CREDITS, required=("amount_usd", "idempotency_key"))
+    bought = await buy_credits(request.app, org, body)
+    return web.json_response(bought, status=200 if bought["replayed"] else 201)
+
+
+def check_prepaid(org: OrgView) -> None:
     if org.plan not in PREPAID_PLANS:
         raise bad_request(f"org: {org.plan} is postpaid: extra usage is billed monthly")
-    body = read_body(await request.read(), CREDITS, required=("amount_usd", "idempotency_key"))
+
+
+async def buy_credits(app: web.Application, org: OrgView, body: dict[str, Any]) -> dict[str, Any]:
+    """Buy prepaid credits (a body parsed with CREDITS); the same idempotency_key returns the
+    first purchase."""
+    check_prepaid(org)
     try:
-        purchase = await request.app[STORE].purchase(
-            org.id, body["amount_usd"], body["idempotency_key"], request.app[CLOCK].now_s()
+        purchase = await app[STORE].purchase(
+            org.id, body["amount_usd"], body["idempotency_key"], app[CLOCK].now_s()
         )
     except IdempotencyConflict as exc:
         raise conflict(
             f"idempotency_key: already used for ${format_usd(exc.first_amount_nanos)}"
         ) from None
-    balance = (await request.app[STORE].get_org(org.id)).balance_nanos  # type: ignore[union-attr]
-    return web.json_response(
-        {
-            "amount_usd": format_usd(purchase.amount_nanos),
-            "replayed": purchase.replayed,
-            "balance_usd": format_usd(balance),
-        },
-        status=200 if purchase.replayed else 201,
-    )
+    return {
+        "amount_usd": format_usd(purchase.amount_nanos),
+        "replayed": purchase.replayed,
+        "balance_usd": format_usd((await _reread(app, org.id)).balance_nanos),
+    }
+
+
+async def _reread(app: web.Application, org_id: str) -> OrgView:
+    org = await app[STORE].get_org(org_id)
+    assert org is not None  # orgs are never deleted
+    return org
 
 
 async def post_member_key(request: web.Request) -> web.Response:

@@ -21,7 +21,7 @@ from proxy.appkeys import CLOCK, STORE
 from proxy.errors import bad_request
 from proxy.ledger import PREPAID_PLANS
 from proxy.money import format_usd
-from proxy.store.base import Statement, UsageRow
+from proxy.store.base import OrgView, Statement, UsageRow
 
 GROUPS = ("member", "model", "day")
 USAGE_QUERY = ("from", "to", "group_by")
@@ -119,7 +119,7 @@ async def get_usage(request: web.Request) -> web.Response:
     org = await org_of(request)
     params = query(request, USAGE_QUERY)
     zone = ZoneInfo(org.timezone)
-    today = datetime.fromtimestamp(request.app[CLOCK].now_s(), zone).date()
+    today = month_to_date(org, request.app[CLOCK].now_s())[1]
     last = parse_date("to", params["to"]) if "to" in params else today
     first = parse_date("from", params["from"]) if "from" in params else last.replace(day=1)
     if first > last:
@@ -127,21 +127,13 @@ async def get_usage(request: web.Request) -> web.Response:
     group_by = params.get("group_by", "member")
     if group_by not in GROUPS:
         raise bad_request(f"group_by: must be one of {', '.join(GROUPS)}, not {group_by!r}")
-    by_day = group_by == "day"
-    rows = await request.app[STORE].usage_report(
-        org.id,
-        local_midnight_s(first, zone),
-        local_midnight_s(last + timedelta(days=1), zone),
-        slice_s(first, last, zone) if by_day else None,
-    )
+    rows = await posted_usage(request.app, org, first, last, by_day=group_by == "day")
     if group_by == "member":
         groups, totals = _grouped(rows, lambda r: r.member)
     elif group_by == "model":
         groups, totals = _grouped(rows, lambda r: r.model)
     else:
-        groups, totals = _grouped(
-            rows, lambda r: datetime.fromtimestamp(r.slice_start_s, zone).date().isoformat()
-        )
+        groups, totals = _grouped(rows, lambda r: local_date(r, zone).isoformat())
     return web.json_response(
         {
             "org": org.id,
@@ -153,6 +145,30 @@ async def get_usage(request: web.Request) -> web.Response:
             "totals": totals.json(),
         }
     )
+
+
+def month_to_date(org: OrgView, now_s: float) -> tuple[date, date]:
+    """The first day of the org's current month and today, as local dates of its zone."""
+    today = datetime.fromtimestamp(now_s, ZoneInfo(org.timezone)).date()
+    return today.replace(day=1), today
+
+
+async def posted_usage(
+    app: web.Application, org: OrgView, first: date, last: date, *, by_day: bool
+) -> list[UsageRow]:
+    """Posted requests admitted on local dates first..last, per member and model (and per
+    slice of a day, when `by_day`: put each row on its date with local_date)."""
+    zone = ZoneInfo(org.timezone)
+    return await app[STORE].usage_report(
+        org.id,
+        local_midnight_s(first, zone),
+        local_midnight_s(last + timedelta(days=1), zone),
+        slice_s(first, last, zone) if by_day else None,
+    )
+
+
+def local_date(row: UsageRow, zone: ZoneInfo) -> date:
+    return datetime.fromtimestamp(row.slice_start_s, zone).date()
 
 
 async def get_alerts(request: web.Request) -> web.Response:
@@ -205,9 +221,20 @@ async def get_statement(request: web.Request) -> web.Response:
     fmt = query(request, STATEMENT_QUERY).get("format", "json")
     if fmt not in ("json", "csv"):
         raise bad_request(f"format: must be json or csv, not {fmt!r}")
-    body = statement_json(await request.app[STORE].statement(org.id, month))
+    body = await statement_of(request.app, org, month)
     if fmt == "json":
         return web.json_response(body)
+    return statement_csv_response(org, month, body)
+
+
+async def statement_of(app: web.Application, org: OrgView, month: str) -> dict[str, Any]:
+    """The statement of a month (YYYY-MM), as the JSON answer."""
+    if not _MONTH.fullmatch(month):
+        raise bad_request(f"month: must be YYYY-MM, not {month!r}")
+    return statement_json(await app[STORE].statement(org.id, month))
+
+
+def statement_csv_response(org: OrgView, month: str, body: dict[str, Any]) -> web.Response:
     safe_org = re.sub(r"[^A-Za-z0-9._-]", "_", org.id)
     return web.Response(
         text=statement_csv(body),

@@ -31,13 +31,20 @@ def read_body(raw: bytes, fields: Mapping[str, Field], *, required: tuple[str, .
         raise bad_request("body: not valid JSON (or nested too deeply)") from None
     if not isinstance(body, dict):
         raise bad_request("body: must be a JSON object")
-    for name in body:
+    return parse_fields(body, fields, required=required)
+
+
+def parse_fields(
+    values: Mapping[str, Any], fields: Mapping[str, Field], *, required: tuple[str, ...] = ()
+) -> dict:
+    """Values as a JSON body (or a web form) gives them, each checked by its field's parser."""
+    for name in values:
         if name not in fields:
             raise bad_request(f"{name}: unknown field (allowed: {', '.join(fields)})")
     for name in required:
-        if name not in body:
+        if name not in values:
             raise bad_request(f"{name}: required")
-    return {name: fields[name].parse(name, value) for name, value in body.items()}
+    return {name: fields[name].parse(name, value) for name, value in values.items()}
 
 
 def body_schema(fields: Mapping[str, Field], required: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -1,14 +1,25 @@
-"""Stores: the contract in base.py; SQLite (embedded default) and PostgreSQL implementations."""
+"""Stores: the contract in base.py, its SQL in sql.py; the SQLite (embedded default) and
+PostgreSQL (several replicas) backends in sqlite.py and postgres.py."""
 
 from __future__ import annotations
 
+from proxy.settings import StoreSettings
 from proxy.store.base import Store
 
 
-async def open_store(url: str) -> Store:
-    """Open (and migrate) the store a `store.url` names."""
+async def open_store(settings: StoreSettings) -> Store:
+    """Open (and migrate) the store that `store.url` names."""
+    url = settings.url
     if url.startswith("sqlite:///"):
-        from proxy.store.sqlite import SqliteStore
+        from proxy.store.sqlite import open_sqlite
 
-        return await SqliteStore.open(url.removeprefix("sqlite:///"))
-    raise ValueError(f"unsupported store url: {url.split(':', 1)[0]}:// (sqlite:/// for now)")
+        return await open_sqlite(url.removeprefix("sqlite:///"))
+    if url.startswith(("postgresql://", "postgres://")):
+        from proxy.store.postgres import open_postgres
+
+        return await open_postgres(
+            url, pool_size=settings.pool_size, pool_timeout_s=settings.pool_timeout_s
+        )
+    raise ValueError(
+        f"unsupported store url: {url.split(':', 1)[0]}:// (sqlite:/// or postgresql://)"
+    )

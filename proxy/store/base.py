@@ -85,6 +85,11 @@ class Purchase:
     replayed: bool  # the same idempotency key was seen before: nothing new was bought
 
 
+class StoreUnavailable(Exception):
+    """The store cannot be reached (server down, connection lost, pool exhausted): the request
+    fails with a 503 and nothing was charged twice; the store is tried again next time."""
+
+
 class IdempotencyConflict(Exception):
     """An idempotency key replayed with a different amount."""
 

@@ -1,1071 +1,118 @@
-"""The embedded store: one SQLite file in WAL mode through aiosqlite, migrated on open.
+"""The embedded backend: one SQLite file in WAL mode through aiosqlite, migrated on open.
 
-All statements run on aiosqlite's single connection thread; a transaction is one `async with
-self._tx()` block under an asyncio lock, so no other coroutine's statement can interleave with it.
-Write transactions use BEGIN IMMEDIATE: check-and-act happens under SQLite's write lock.
+All statements run on aiosqlite's single connection thread; a transaction holds an asyncio lock,
+so no other coroutine's statement can interleave with it, and BEGIN IMMEDIATE takes SQLite's write
+lock at once: every write transaction runs alone, which is what `Tx.lock_org` asks for.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
-import json
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import replace
 from importlib import resources
 from pathlib import Path
-from typing import ParamSpec, TypeVar
+from typing import Any
 
 import aiosqlite
 
-from proxy import ledger
-from proxy.alerts import Alert
-from proxy.ledger import (
-    BALANCE,
-    MEMBER_MONTHLY,
-    ORG_MONTHLY,
-    PREPAID_PLANS,
-    RECENT_REQUESTS,
-    TIER_MONTHLY,
-    Account,
-    Admitted,
-    Blocked,
-    ExtraFunds,
-    MemberState,
-    ReloadOrder,
-    Unaffordable,
-    Window,
-    Windows,
-    current_windows,
-    expected_reservation_nanos,
-    extra_to_reserve,
-    month_of,
-    reload_due,
-    short_account,
-    split_charge,
-    with_limits,
-)
-from proxy.metering import Usage
-from proxy.settings import Tier
-from proxy.store.base import (
-    MEMBER_COLUMNS,
-    ORG_COLUMNS,
-    Admission,
-    AdmissionRequest,
-    IdempotencyConflict,
-    MemberStatus,
-    MemberView,
-    OrgSpec,
-    OrgView,
-    Purchase,
-    RequestRecord,
-    Seat,
-    Settled,
-    Settlement,
-    Statement,
-    Transfer,
-    UsageRow,
-    Verification,
-)
-
-P = ParamSpec("P")
-R = TypeVar("R")
+from proxy.store.sql import SqlStore
 
 
-def _atomic(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
-    """Run a transaction to its end even when the caller is cancelled (a client that goes away
-    cancels its handler): a half-run BEGIN would otherwise stay open on the shared connection."""
+async def open_sqlite(path: str) -> SqlStore:
+    if path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    conn = await aiosqlite.connect(path, isolation_level=None)
+    conn.row_factory = aiosqlite.Row
+    for pragma in (
+        "journal_mode=WAL",
+        "synchronous=NORMAL",
+        "foreign_keys=ON",
+        "busy_timeout=5000",
+    ):
+        await conn.execute(f"PRAGMA {pragma}")
+    db = SqliteDatabase(conn)
+    await db.migrate()
+    return SqlStore(db)
 
-    @functools.wraps(method)
-    async def run(*args: P.args, **kwargs: P.kwargs) -> R:
-        return await asyncio.shield(method(*args, **kwargs))
 
-    return run
+class SqliteTx:
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self._conn = conn
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        cursor = await self._conn.execute(sql, params)
+        return cursor.rowcount
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        await self._conn.executemany(sql, rows)
+
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        return list(await self._conn.execute_fetchall(sql, params))
+
+    async def fetchrow(self, sql: str, params: Sequence[Any] = ()) -> Any | None:
+        rows = await self._conn.execute_fetchall(sql, params)
+        return next(iter(rows), None)
+
+    async def lock_org(self, org_id: str) -> None:
+        """The transaction holds the database's write lock already."""
+
+    async def lock_named(self, name: str) -> None:
+        """The transaction holds the database's write lock already."""
 
 
-class SqliteStore:
+class SqliteDatabase:
+    slice_start_sql = "CAST({instant} / {slice_s} AS INTEGER) * {slice_s}"
+
     def __init__(self, conn: aiosqlite.Connection) -> None:
         self._conn = conn
         self._lock = asyncio.Lock()
 
-    @classmethod
-    async def open(cls, path: str) -> SqliteStore:
-        if path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        conn = await aiosqlite.connect(path, isolation_level=None)
-        conn.row_factory = aiosqlite.Row
-        await conn.execute("PRAGMA journal_mode=WAL")
-        await conn.execute("PRAGMA synchronous=NORMAL")
-        await conn.execute("PRAGMA foreign_keys=ON")
-        await conn.execute("PRAGMA busy_timeout=5000")
-        store = cls(conn)
-        await store._migrate()
-        return store
-
-    async def _migrate(self) -> None:
-        folder = resources.files("proxy.store") / "migrations" / "sqlite"
-        scripts = sorted(p for p in folder.iterdir() if p.name.endswith(".sql"))
-        async with self._tx():
-            row = await (await self._conn.execute("PRAGMA user_version")).fetchone()
-            version = row[0]
-            for script in scripts:
-                number = int(script.name.split("_", 1)[0])
-                if number > version:
-                    for statement in _statements(script.read_text()):
-                        await self._conn.execute(statement)
-                    await self._conn.execute(f"PRAGMA user_version = {number}")
-
     @asynccontextmanager
-    async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
+    async def transaction(self) -> AsyncIterator[SqliteTx]:
         async with self._lock:
             await self._conn.execute("BEGIN IMMEDIATE")
             try:
-                yield self._conn
+                yield SqliteTx(self._conn)
             except BaseException:
                 await self._conn.execute("ROLLBACK")
                 raise
             await self._conn.execute("COMMIT")
 
-    async def find_seat(self, key_sha256: str) -> Seat | None:
-        rows = await self._read(
-            """SELECT m.id, m.org_id, m.email, m.role, m.tier, o.plan, o.timezone
-               FROM keys k JOIN members m ON m.id = k.member_id JOIN orgs o ON o.id = m.org_id
-               WHERE k.key_sha256 = ? AND k.revoked_at_s IS NULL AND m.removed = 0""",
-            (key_sha256,),
-        )
-        return Seat(*rows[0]) if rows else None
-
-    @_atomic
-    async def admit(self, request: AdmissionRequest, tiers: Mapping[str, Tier]) -> Admission:
-        r = request
-        async with self._tx() as db:
-            tier, member = await self._member(db, r.member_id, tiers)
-            windows = current_windows(tier, await self._windows(db, r.member_id), r.created_at_s)
-            funds = await self._funds(db, r.member_id, r.created_at_s)
-            amount_nanos = await self._reservation(db, r, funds.reservation)
-            decision: Admitted | Blocked | Unaffordable = ledger.admit(
-                windows,
-                tier,
-                amount_nanos,
-                member,
-                continue_requested=r.continue_requested,
-                now_s=r.created_at_s,
-            )
-            extra_nanos = 0
-            if isinstance(decision, Admitted):
-                extra_nanos = extra_to_reserve(
-                    decision, windows, amount_nanos, member, r.created_at_s
-                )
-                short = short_account(list(funds.accounts), extra_nanos) if extra_nanos else None
-                if short is not None:
-                    decision = Unaffordable(short, extra_nanos)
-            if isinstance(decision, Admitted):
-                await self._open(db, r.member_id, windows)
-                await db.execute(
-                    "UPDATE windows SET reserved_nanos = reserved_nanos + ? "
-                    "WHERE member_id = ? AND started_at_s IN (?, ?)",
-                    (decision.included_reserved_nanos, r.member_id, *_starts(windows)),
-                )
-                if decision.consent_until_s is not None:
-                    await db.execute(
-                        "UPDATE members SET consent_until_s = ? WHERE id = ?",
-                        (decision.consent_until_s, r.member_id),
-                    )
-                    member = replace(member, consent_until_s=decision.consent_until_s)
-                if extra_nanos:
-                    await self._move_spend(db, r.org_id, r.member_id, funds.month, 0, extra_nanos)
-                    if funds.prepaid:
-                        await db.execute(
-                            "UPDATE orgs SET balance_reserved_nanos = balance_reserved_nanos + ? "
-                            "WHERE id = ?",
-                            (extra_nanos, r.org_id),
-                        )
-                await db.execute(
-                    """INSERT INTO requests (id, member_id, org_id, model, stream, status, billing,
-                           reserved_nanos, extra_reserved_nanos, month, session_started_at_s,
-                           weekly_started_at_s, created_at_s, expires_at_s)
-                       VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?)""",
-                    (
-                        r.request_id,
-                        r.member_id,
-                        r.org_id,
-                        r.model,
-                        int(r.stream),
-                        decision.billing,
-                        decision.included_reserved_nanos,
-                        extra_nanos,
-                        funds.month,
-                        *_starts(windows),
-                        r.created_at_s,
-                        r.expires_at_s,
-                    ),
-                )
-            return Admission(decision, windows, member, funds)
-
-    async def _reservation(self, db: aiosqlite.Connection, r: AdmissionRequest, mode: str) -> int:
-        """What to reserve: the worst case, or the org's `expected` estimate."""
-        if mode != "expected":
-            return r.worst_case_nanos
-        recent = await (
-            await db.execute(
-                "SELECT output_tokens FROM requests WHERE member_id = ? AND model = ? AND "
-                "status = 'posted' ORDER BY created_at_s DESC LIMIT ?",
-                (r.member_id, r.model, RECENT_REQUESTS),
-            )
-        ).fetchall()
-        return expected_reservation_nanos(
-            r.worst_case_nanos, r.max_tokens, r.output_nanos_per_token, [row[0] for row in recent]
-        )
-
-    @_atomic
-    async def settle(self, settlement: Settlement, tiers: Mapping[str, Tier]) -> Settled | None:
-        s = settlement
-        usage = s.usage or Usage()
-        async with self._tx() as db:
-            rows = await (
-                await db.execute(
-                    "SELECT member_id, org_id, model, billing, reserved_nanos, extra_reserved_nanos, "
-                    "month, session_started_at_s, weekly_started_at_s, status FROM requests "
-                    "WHERE id = ? AND status IN ('pending', 'expired')",
-                    (s.request_id,),
-                )
-            ).fetchall()
-            if not rows:
-                return None
-            (
-                member_id,
-                org_id,
-                model,
-                billing,
-                reserved_nanos,
-                extra_reserved_nanos,
-                month,
-                session_start,
-                weekly_start,
-                status,
-            ) = rows[0]
-            if status == "expired":  # a long stream outlived its reservation: post it late;
-                reserved_nanos = extra_reserved_nanos = 0  # the expiry already released them
-            tier, _ = await self._member(db, member_id, tiers)
-            funds_before = await self._funds(db, member_id, s.settled_at_s)
-            stored = await self._windows(db, member_id, (session_start, weekly_start))
-            windows = with_limits(tier, stored)
-            split = split_charge(s.cost_nanos, windows, billing)
-            await db.execute(
-                "UPDATE windows SET used_nanos = used_nanos + ?, "
-                "reserved_nanos = reserved_nanos - ? WHERE member_id = ? AND started_at_s IN (?, ?)",
-                (
-                    split.included_nanos + split.overrun_nanos,
-                    reserved_nanos,
-                    member_id,
-                    session_start,
-                    weekly_start,
-                ),
-            )
-            reload = await self._post_extra(
-                db, org_id, member_id, month, model, s, split.extra_nanos, extra_reserved_nanos
-            )
-            await db.execute(
-                """UPDATE requests SET status = ?, input_tokens = ?, output_tokens = ?,
-                       cache_creation_5m_input_tokens = ?, cache_creation_1h_input_tokens = ?,
-                       cache_read_input_tokens = ?, web_search_requests = ?, speed = ?,
-                       output_estimated = ?, cost_nanos = ?, included_nanos = ?, extra_nanos = ?,
-                       overrun_nanos = ?, upstream_status = ?, outcome = ?, settled_at_s = ?,
-                       upstream_ms = ?, duration_ms = ?
-                   WHERE id = ?""",
-                (
-                    "posted" if s.usage is not None else "voided",
-                    usage.input_tokens,
-                    usage.output_tokens,
-                    usage.cache_creation_5m_input_tokens,
-                    usage.cache_creation_1h_input_tokens,
-                    usage.cache_read_input_tokens,
-                    usage.web_search_requests,
-                    usage.speed,
-                    int(usage.output_estimated),
-                    s.cost_nanos,
-                    split.included_nanos,
-                    split.extra_nanos,
-                    split.overrun_nanos,
-                    s.upstream_status,
-                    s.outcome,
-                    s.settled_at_s,
-                    s.upstream_ms,
-                    s.duration_ms,
-                    s.request_id,
-                ),
-            )
-            org = await (
-                await db.execute(
-                    "SELECT o.balance_nanos, o.reload_threshold_nanos, o.webhook_url, "
-                    "o.webhook_secret_env, m.email FROM orgs o JOIN members m ON m.org_id = o.id "
-                    "WHERE m.id = ?",
-                    (member_id,),
-                )
-            ).fetchone()
-            balance_nanos, threshold_nanos, webhook_url, secret_env, email = org
-            return Settled(
-                org_id,
-                member_id,
-                split,
-                windows,
-                reload,
-                request_id=s.request_id,
-                member_email=email,
-                funds_before=funds_before,
-                balance_after_nanos=balance_nanos if funds_before.prepaid else None,
-                reload_threshold_nanos=threshold_nanos,
-                webhook=(webhook_url, secret_env or "") if webhook_url else None,
-            )
-
-    async def _post_extra(
-        self,
-        db: aiosqlite.Connection,
-        org_id: str,
-        member_id: int,
-        month: str,
-        model: str,
-        s: Settlement,
-        extra_nanos: int,
-        extra_reserved_nanos: int,
-    ) -> ReloadOrder | None:
-        """Replace the extra-usage reservation by the actual extra charge; order a reload when
-        the prepaid balance crosses its threshold (one order per crossing: reload_pending)."""
-        if not extra_nanos and not extra_reserved_nanos:
-            return None
-        await self._move_spend(db, org_id, member_id, month, extra_nanos, -extra_reserved_nanos)
-        within_nanos = min(extra_nanos, extra_reserved_nanos)
-        for kind, amount_nanos in (
-            ("usage_extra", within_nanos),
-            ("estimate_overrun", extra_nanos - within_nanos),
-        ):
-            if amount_nanos:
-                await db.execute(
-                    "INSERT INTO transfers (org_id, member_id, kind, amount_nanos, month, "
-                    "request_id, model, created_at_s) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        org_id,
-                        member_id,
-                        kind,
-                        -amount_nanos,
-                        month,
-                        s.request_id,
-                        model,
-                        s.settled_at_s,
-                    ),
-                )
-        org = await (
-            await db.execute(
-                "SELECT plan, balance_nanos, reload_threshold_nanos, reload_amount_nanos, "
-                "reload_pending, monthly_limit_nanos FROM orgs WHERE id = ?",
-                (org_id,),
-            )
-        ).fetchone()
-        plan, balance_nanos, threshold_nanos, amount_nanos, pending, limit_nanos = org
-        if plan not in PREPAID_PLANS:
-            return None
-        after_nanos = balance_nanos - extra_nanos
-        await db.execute(
-            "UPDATE orgs SET balance_nanos = ?, balance_reserved_nanos = "
-            "balance_reserved_nanos - ? WHERE id = ?",
-            (after_nanos, extra_reserved_nanos, org_id),
-        )
-        if threshold_nanos is None or not amount_nanos or pending:
-            return None
-        if not reload_due(balance_nanos, after_nanos, threshold_nanos):
-            return None
-        if limit_nanos is not None:
-            # never reload beyond the monthly spend limit: reloads this month stay within it
-            reloaded = await (
-                await db.execute(
-                    "SELECT COALESCE(SUM(amount_nanos), 0) FROM transfers "
-                    "WHERE org_id = ? AND month = ? AND kind = 'reload'",
-                    (org_id, month),
-                )
-            ).fetchone()
-            if reloaded[0] + amount_nanos > limit_nanos:
-                return None
-        await db.execute("UPDATE orgs SET reload_pending = 1 WHERE id = ?", (org_id,))
-        return ReloadOrder(org_id, amount_nanos, f"reload:{s.request_id}")
-
-    async def _move_spend(
-        self,
-        db: aiosqlite.Connection,
-        org_id: str,
-        member_id: int,
-        month: str,
-        posted_nanos: int,
-        reserved_nanos: int,
-    ) -> None:
-        """Add to month-to-date extra usage of the org (member 0) and of the member."""
-        for who in (0, member_id):
-            await db.execute(
-                "INSERT INTO spend (org_id, member_id, month, posted_nanos, reserved_nanos) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (org_id, member_id, month) DO UPDATE SET "
-                "posted_nanos = posted_nanos + excluded.posted_nanos, "
-                "reserved_nanos = reserved_nanos + excluded.reserved_nanos",
-                (org_id, who, month, posted_nanos, reserved_nanos),
-            )
-
-    async def _funds(self, db: aiosqlite.Connection, member_id: int, now_s: float) -> ExtraFunds:
-        """The accounts extra usage draws on for this member this month."""
-        row = await (
-            await db.execute(
-                """SELECT o.id, o.plan, o.timezone, o.monthly_limit_nanos, o.balance_nanos,
-                      o.balance_reserved_nanos, m.monthly_limit_nanos, tl.monthly_limit_nanos,
-                      o.reservation
-               FROM members m JOIN orgs o ON o.id = m.org_id
-               LEFT JOIN tier_limits tl ON tl.org_id = o.id AND tl.tier = m.tier
-               WHERE m.id = ?""",
-                (member_id,),
-            )
-        ).fetchone()
-        (
-            org_id,
-            plan,
-            timezone,
-            org_limit,
-            balance,
-            balance_reserved,
-            member_limit,
-            tier_limit,
-            reservation,
-        ) = row
-        month = month_of(now_s, timezone)
-        spent = {
-            who: (posted, reserved)
-            for who, posted, reserved in await (
-                await db.execute(
-                    "SELECT member_id, posted_nanos, reserved_nanos FROM spend "
-                    "WHERE org_id = ? AND month = ? AND member_id IN (0, ?)",
-                    (org_id, month, member_id),
-                )
-            ).fetchall()
-        }
-        accounts = [Account(ORG_MONTHLY, org_limit, *spent.get(0, (0, 0)))]
-        if plan == "enterprise" and member_limit is not None:
-            accounts.append(Account(MEMBER_MONTHLY, member_limit, *spent.get(member_id, (0, 0))))
-        elif plan == "enterprise" and tier_limit is not None:
-            accounts.append(Account(TIER_MONTHLY, tier_limit, *spent.get(member_id, (0, 0))))
-        prepaid = plan in PREPAID_PLANS
-        if prepaid:
-            accounts.append(Account(BALANCE, balance, 0, balance_reserved))
-        member_spent_nanos = spent.get(member_id, (0, 0))[0]
-        return ExtraFunds(
-            month, prepaid, tuple(accounts), timezone, member_spent_nanos, reservation
-        )
-
-    @_atomic
-    async def purchase(
-        self, org_id: str, amount_nanos: int, idempotency_key: str, now_s: float
-    ) -> Purchase:
-        async with self._tx() as db:
-            return await self._purchase(
-                db, org_id, amount_nanos, idempotency_key, now_s, "purchase"
-            )
-
-    async def _purchase(
-        self,
-        db: aiosqlite.Connection,
-        org_id: str,
-        amount_nanos: int,
-        idempotency_key: str,
-        now_s: float,
-        kind: str,
-    ) -> Purchase:
-        if amount_nanos <= 0:
-            raise ValueError("a purchase must be a positive amount")
-        first = await (
-            await db.execute(
-                "SELECT id, amount_nanos FROM transfers WHERE org_id = ? AND idempotency_key = ?",
-                (org_id, idempotency_key),
-            )
-        ).fetchone()
-        if first is not None:
-            if first[1] != amount_nanos:
-                raise IdempotencyConflict(idempotency_key, first[1])
-            return Purchase(first[0], amount_nanos, replayed=True)
-        timezone = (
-            await (await db.execute("SELECT timezone FROM orgs WHERE id = ?", (org_id,))).fetchone()
-        )[0]
-        cursor = await db.execute(
-            "INSERT INTO transfers (org_id, kind, amount_nanos, month, idempotency_key, "
-            "created_at_s) VALUES (?, ?, ?, ?, ?, ?)",
-            (org_id, kind, amount_nanos, month_of(now_s, timezone), idempotency_key, now_s),
-        )
-        await db.execute(
-            "UPDATE orgs SET balance_nanos = balance_nanos + ? WHERE id = ?", (amount_nanos, org_id)
-        )
-        return Purchase(cursor.lastrowid, amount_nanos, replayed=False)
-
-    @_atomic
-    async def finish_reload(self, order: ReloadOrder, paid: bool, now_s: float) -> None:
-        async with self._tx() as db:
-            if paid:
-                await self._purchase(
-                    db, order.org_id, order.amount_nanos, order.idempotency_key, now_s, "reload"
-                )
-            await db.execute("UPDATE orgs SET reload_pending = 0 WHERE id = ?", (order.org_id,))
-
-    async def verify(self, now_s: float) -> Verification:
-        """Recompute balances and month spend from transfers; count stale reservations."""
-        rows = await self._read(
-            """SELECT o.id, o.balance_nanos, COALESCE(SUM(t.amount_nanos), 0)
-               FROM orgs o LEFT JOIN transfers t ON t.org_id = o.id
-               WHERE o.plan IN ('team', 'max') GROUP BY o.id"""
-        )
-        mismatches = [
-            f"{org}: balance {stored} != transfers {summed}"
-            for org, stored, summed in rows
-            if stored != summed
-        ]
-        rows = await self._read(
-            """SELECT s.org_id, s.month, s.posted_nanos, COALESCE((SELECT -SUM(amount_nanos)
-                   FROM transfers t WHERE t.org_id = s.org_id AND t.month = s.month
-                   AND t.kind IN ('usage_extra', 'estimate_overrun')), 0)
-               FROM spend s WHERE s.member_id = 0"""
-        )
-        mismatches += [
-            f"{org} {month}: spend {stored} != transfers {summed}"
-            for org, month, stored, summed in rows
-            if stored != summed
-        ]
-        stale = await self._read(
-            "SELECT COUNT(*) FROM requests WHERE status = 'pending' AND expires_at_s <= ?",
-            (now_s,),
-        )
-        return Verification(pending_reservations=stale[0][0], mismatches=tuple(mismatches))
-
-    async def list_transfers(self, org_id: str, month: str | None = None) -> list[Transfer]:
-        rows = await self._read(
-            "SELECT kind, amount_nanos, month, member_id, request_id, model, created_at_s "
-            "FROM transfers WHERE org_id = ? AND (? IS NULL OR month = ?) ORDER BY id",
-            (org_id, month, month),
-        )
-        return [Transfer(*row) for row in rows]
-
-    async def statement(self, org_id: str, month: str) -> Statement:
-        rows = await self._read(
-            """SELECT COALESCE(m.email, ''), t.model, t.kind, SUM(t.amount_nanos)
-               FROM transfers t LEFT JOIN members m ON m.id = t.member_id
-               WHERE t.org_id = ? AND t.month = ? GROUP BY 1, 2, 3 ORDER BY 1, 2, 3""",
-            (org_id, month),
-        )
-        plan = await self._read("SELECT plan FROM orgs WHERE id = ?", (org_id,))
-        usage: dict[tuple[str, str], int] = {}
-        credits: dict[str, int] = {}
-        for email, model, kind, amount_nanos in rows:
-            if kind in ("usage_extra", "estimate_overrun"):
-                usage[(email, model)] = usage.get((email, model), 0) - amount_nanos
-            else:
-                credits[kind] = credits.get(kind, 0) + amount_nanos
-        return Statement(org_id, month, plan[0][0] if plan else "", usage, credits)
-
-    async def usage_report(
-        self, org_id: str, start_s: float, end_s: float, slice_s: int | None = None
-    ) -> list[UsageRow]:
-        # through members: each member's requests are found by (member_id, created_at_s)
-        rows = await self._read(
-            """SELECT m.email, r.model,
-                   COALESCE(CAST(r.created_at_s / ?4 AS INTEGER) * ?4, ?2),
-                   COUNT(*), SUM(r.input_tokens), SUM(r.output_tokens),
-                   SUM(r.cache_creation_5m_input_tokens), SUM(r.cache_creation_1h_input_tokens),
-                   SUM(r.cache_read_input_tokens), SUM(r.cost_nanos), SUM(r.included_nanos),
-                   SUM(r.extra_nanos), SUM(r.overrun_nanos)
-               FROM members m JOIN requests r ON r.member_id = m.id
-               WHERE m.org_id = ?1 AND r.created_at_s >= ?2 AND r.created_at_s < ?3
-                   AND r.status = 'posted'
-               GROUP BY 1, 2, 3 ORDER BY 3, 1, 2""",
-            (org_id, start_s, end_s, slice_s),
-        )
-        return [UsageRow(*row) for row in rows]
-
-    @_atomic
-    async def record_alert(self, alert: Alert) -> bool:
-        org_id, member_email, kind, threshold_pct, period = alert.key
-        async with self._tx() as db:
-            cursor = await db.execute(
-                "INSERT INTO alerts (org_id, member_email, kind, threshold_pct, period, payload, "
-                "created_at_s) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                (
-                    org_id,
-                    member_email,
-                    kind,
-                    threshold_pct,
-                    period,
-                    json.dumps(alert.payload(), sort_keys=True),
-                    alert.at_s,
-                ),
-            )
-            return cursor.rowcount == 1
-
-    async def list_alerts(self, org_id: str) -> list[dict]:
-        rows = await self._read(
-            "SELECT payload FROM alerts WHERE org_id = ? ORDER BY created_at_s, rowid", (org_id,)
-        )
-        return [json.loads(row[0]) for row in rows]
-
-    @_atomic
-    async def expire_pending(self, now_s: float) -> int:
-        async with self._tx() as db:
-            rows = await (
-                await db.execute(
-                    "SELECT id, member_id, org_id, reserved_nanos, extra_reserved_nanos, month, "
-                    "session_started_at_s, weekly_started_at_s FROM requests "
-                    "WHERE status = 'pending' AND expires_at_s <= ?",
-                    (now_s,),
-                )
-            ).fetchall()
-            for (
-                request_id,
-                member_id,
-                org_id,
-                reserved_nanos,
-                extra_reserved_nanos,
-                month,
-                session_start,
-                weekly_start,
-            ) in rows:
-                await db.execute(
-                    "UPDATE windows SET reserved_nanos = reserved_nanos - ? "
-                    "WHERE member_id = ? AND started_at_s IN (?, ?)",
-                    (reserved_nanos, member_id, session_start, weekly_start),
-                )
-                if extra_reserved_nanos:
-                    await self._move_spend(db, org_id, member_id, month, 0, -extra_reserved_nanos)
-                    await db.execute(
-                        "UPDATE orgs SET balance_reserved_nanos = balance_reserved_nanos - ? "
-                        "WHERE id = ? AND plan IN ('team', 'max')",
-                        (extra_reserved_nanos, org_id),
-                    )
-                await db.execute(
-                    "UPDATE requests SET status = 'expired', outcome = 'expired', "
-                    "settled_at_s = ? WHERE id = ?",
-                    (now_s, request_id),
-                )
-            return len(rows)
-
-    async def member_status(
-        self, member_id: int, tiers: Mapping[str, Tier], now_s: float
-    ) -> MemberStatus:
+    @asynccontextmanager
+    async def reading(self) -> AsyncIterator[SqliteTx]:
         async with self._lock:
-            tier, member = await self._member(self._conn, member_id, tiers)
-            stored = await self._windows(self._conn, member_id)
-            funds = await self._funds(self._conn, member_id, now_s)
-        return MemberStatus(current_windows(tier, stored, now_s), member, funds)
+            yield SqliteTx(self._conn)
 
-    @_atomic
-    async def continue_extra_usage(
-        self, member_id: int, tiers: Mapping[str, Tier], now_s: float
-    ) -> MemberStatus:
-        async with self._tx() as db:
-            tier, member = await self._member(db, member_id, tiers)
-            windows = current_windows(tier, await self._windows(db, member_id), now_s)
-            if member.extra_usage_enabled:
-                await self._open(db, member_id, windows)  # consent ends with a real window
-                member = replace(member, consent_until_s=ledger.consent_until(windows, now_s))
-                await db.execute(
-                    "UPDATE members SET consent_until_s = ? WHERE id = ?",
-                    (member.consent_until_s, member_id),
-                )
-            return MemberStatus(windows, member, await self._funds(db, member_id, now_s))
+    def retryable(self, exc: BaseException) -> bool:
+        return False  # transactions run one at a time: none can lose a race
 
-    async def secret(self, name: str) -> str:
-        rows = await self._read("SELECT value FROM secrets WHERE name = ?", (name,))
-        return rows[0][0]
+    async def columns(self, table: str) -> list[str]:
+        async with self.reading() as tx:
+            return [row[1] for row in await tx.fetch(f"PRAGMA table_info({table})")]
 
-    @staticmethod
-    async def _open(db: aiosqlite.Connection, member_id: int, windows: Windows) -> None:
-        """Store the windows that this instant opened."""
-        for kind in windows.opened:
-            w = windows.by_kind[kind]
-            await db.execute(
-                "INSERT INTO windows (member_id, kind, started_at_s, ends_at_s) VALUES (?, ?, ?, ?)",
-                (member_id, kind, w.started_at_s, w.ends_at_s),
-            )
+    async def after_copy(self, tx: SqliteTx) -> None:
+        """AUTOINCREMENT follows the largest id inserted by itself."""
 
-    @staticmethod
-    async def _member(
-        db: aiosqlite.Connection, member_id: int, tiers: Mapping[str, Tier]
-    ) -> tuple[Tier, MemberState]:
-        row = await (
-            await db.execute(
-                """SELECT m.tier, o.extra_usage = 'all' OR (o.extra_usage = 'selected'
-                      AND m.extra_usage_enabled = 1), m.extra_usage_consent, m.consent_until_s
-               FROM members m JOIN orgs o ON o.id = m.org_id WHERE m.id = ?""",
-                (member_id,),
-            )
-        ).fetchone()
-        tier_name, enabled, consent, consent_until_s = row
-        return tiers[tier_name], MemberState(bool(enabled), consent, consent_until_s)
-
-    @staticmethod
-    async def _windows(
-        db: aiosqlite.Connection, member_id: int, starts: tuple[float | None, ...] | None = None
-    ) -> dict[str, Window]:
-        """The newest window of each kind (or the ones that began at `starts`)."""
-        if starts is None:
-            sql = (
-                "SELECT kind, started_at_s, ends_at_s, used_nanos, reserved_nanos FROM windows "
-                "w WHERE member_id = ? AND started_at_s = (SELECT MAX(started_at_s) FROM "
-                "windows WHERE member_id = w.member_id AND kind = w.kind)"
-            )
-            params: tuple = (member_id,)
-        else:
-            sql = (
-                "SELECT kind, started_at_s, ends_at_s, used_nanos, reserved_nanos FROM windows "
-                "WHERE member_id = ? AND started_at_s IN (?, ?)"
-            )
-            params = (member_id, *starts)
-        rows = await (await db.execute(sql, params)).fetchall()
-        # limit_nanos is not stored: the tier of the day supplies it (current_windows)
-        return {
-            kind: Window(
-                kind, started, ends, limit_nanos=0, used_nanos=used, reserved_nanos=reserved
-            )
-            for kind, started, ends, used, reserved in rows
-        }
-
-    async def get_request(self, request_id: str) -> RequestRecord | None:
-        rows = await self._read("SELECT * FROM requests WHERE id = ?", (request_id,))
-        return _request_record(rows[0]) if rows else None
-
-    async def recent_requests(self, limit: int) -> list[RequestRecord]:
-        rows = await self._read(
-            "SELECT * FROM requests ORDER BY created_at_s DESC, rowid DESC LIMIT ?", (limit,)
-        )
-        return [_request_record(row) for row in rows]
-
-    async def _read(self, sql: str, params: tuple = ()) -> list[aiosqlite.Row]:
-        async with self._lock:
-            cursor = await self._conn.execute(sql, params)
-            return list(await cursor.fetchall())
-
-    @_atomic
-    async def apply_orgs(self, orgs: list[OrgSpec], now_s: float) -> None:
-        async with self._tx() as db:
-            declared = {row[0]: row[1] async for row in await db.execute("SELECT * FROM declared")}
-
-            async def changed(name: str, value: object) -> bool:
-                """True when the file's value differs from what it said last time."""
-                encoded = json.dumps(value, sort_keys=True)
-                if declared.get(name) == encoded:
-                    return False
-                await db.execute(
-                    "INSERT INTO declared (name, value) VALUES (?, ?) "
-                    "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-                    (name, encoded),
-                )
-                return True
-
-            for org in orgs:
-                await db.execute(
-                    "INSERT INTO orgs (id, plan, timezone, created_at_s) VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT (id) DO NOTHING",
-                    (org.id, org.plan, org.timezone, now_s),
-                )
-                org_values: list[tuple[str, object]] = [
-                    ("plan", org.plan),
-                    ("timezone", org.timezone),
-                    ("extra_usage", org.extra_usage),
-                ]
-                if org.webhook_url is not None:
-                    org_values.append(("webhook_url", org.webhook_url))
-                    org_values.append(("webhook_secret_env", org.webhook_secret_env))
-                if org.reservation is not None:
-                    org_values.append(("reservation", org.reservation))
-                if org.monthly_limit is not None:
-                    org_values.append(("monthly_limit_nanos", _nanos(org.monthly_limit)))
-                if org.reload_amount_nanos is not None:
-                    org_values.append(("reload_threshold_nanos", org.reload_threshold_nanos))
-                    org_values.append(("reload_amount_nanos", org.reload_amount_nanos))
-                for column, value in org_values:
-                    if await changed(f"org/{org.id}/{column}", value):
-                        await db.execute(
-                            f"UPDATE orgs SET {column} = ? WHERE id = ?", (value, org.id)
-                        )
-                for tier, limit in org.tier_limits.items():
-                    if await changed(f"org/{org.id}/tier_limits/{tier}", _nanos(limit)):
-                        await db.execute(
-                            "INSERT INTO tier_limits (org_id, tier, monthly_limit_nanos) "
-                            "VALUES (?, ?, ?) ON CONFLICT (org_id, tier) DO UPDATE SET "
-                            "monthly_limit_nanos = excluded.monthly_limit_nanos",
-                            (org.id, tier, _nanos(limit)),
-                        )
-                if org.credits_nanos:  # the opening balance is bought once, ever
-                    with contextlib.suppress(IdempotencyConflict):  # a later change buys nothing
-                        await self._purchase(
-                            db,
-                            org.id,
-                            org.credits_nanos,
-                            "orgs.toml/credits_usd",
-                            now_s,
-                            "purchase",
-                        )
-                for m in org.members:
-                    await db.execute(
-                        "INSERT INTO members (org_id, email, role, tier, created_at_s) "
-                        "VALUES (?, ?, ?, ?, ?) ON CONFLICT (org_id, email) DO NOTHING",
-                        (org.id, m.email, m.role, m.tier, now_s),
-                    )
-                    row = await (
-                        await db.execute(
-                            "SELECT id FROM members WHERE org_id = ? AND email = ?",
-                            (org.id, m.email),
-                        )
-                    ).fetchone()
-                    member_id = row[0]
-                    selected = org.extra_usage == "selected" and m.email in org.extra_usage_members
-                    for column, value in (
-                        ("role", m.role),
-                        ("tier", m.tier),
-                        ("extra_usage_consent", m.extra_usage_consent),
-                        ("extra_usage_enabled", int(selected)),
-                        *(
-                            [("monthly_limit_nanos", _nanos(m.monthly_limit))]
-                            if m.monthly_limit is not None
-                            else []
-                        ),
-                    ):
-                        if await changed(f"member/{org.id}/{m.email}/{column}", value):
-                            await db.execute(
-                                f"UPDATE members SET {column} = ? WHERE id = ?", (value, member_id)
-                            )
-                    for sha, prefix in zip(m.key_sha256s, m.key_prefixes, strict=True):
-                        # A declared key is added once; revoking it later sticks.
-                        await db.execute(
-                            "INSERT INTO keys (key_sha256, member_id, prefix, created_at_s) "
-                            "VALUES (?, ?, ?, ?) ON CONFLICT (key_sha256) DO NOTHING",
-                            (sha, member_id, prefix, now_s),
-                        )
-
-    @_atomic
-    async def issue_key(self, member_id: int, key_sha256: str, prefix: str, now_s: float) -> None:
-        async with self._tx() as db:
-            await db.execute(
-                "INSERT INTO keys (key_sha256, member_id, prefix, created_at_s) "
-                "VALUES (?, ?, ?, ?)",
-                (key_sha256, member_id, prefix, now_s),
-            )
-
-    @_atomic
-    async def revoke_key(self, prefix_or_sha256: str, now_s: float) -> int:
-        """Revoke the one live key with this prefix (or hash); returns how many matched, and
-        revokes nothing when a prefix is ambiguous."""
-        async with self._tx() as db:
-            rows = await (
-                await db.execute(
-                    "SELECT key_sha256 FROM keys WHERE (prefix = ? OR key_sha256 = ?) "
-                    "AND revoked_at_s IS NULL",
-                    (prefix_or_sha256, prefix_or_sha256),
-                )
-            ).fetchall()
-            if len(rows) == 1:
-                await db.execute(
-                    "UPDATE keys SET revoked_at_s = ? WHERE key_sha256 = ?", (now_s, rows[0][0])
-                )
-            return len(rows)
-
-    async def key_org(self, prefix_or_sha256: str) -> str | None:
-        """The org of the live key(s) with this prefix, for authorising a revocation."""
-        rows = await self._read(
-            "SELECT DISTINCT m.org_id FROM keys k JOIN members m ON m.id = k.member_id "
-            "WHERE (k.prefix = ? OR k.key_sha256 = ?) AND k.revoked_at_s IS NULL",
-            (prefix_or_sha256, prefix_or_sha256),
-        )
-        return rows[0][0] if len(rows) == 1 else None
-
-    async def get_org(self, org_id: str) -> OrgView | None:
-        orgs = await self._read(
-            "SELECT id, plan, timezone, extra_usage, monthly_limit_nanos, balance_nanos, "
-            "reload_threshold_nanos, reload_amount_nanos, reservation, webhook_url "
-            "FROM orgs WHERE id = ?",
-            (org_id,),
-        )
-        if not orgs:
-            return None
-        members = await self._read(
-            "SELECT email, role, tier, extra_usage_enabled, monthly_limit_nanos, "
-            "extra_usage_consent FROM members WHERE org_id = ? AND removed = 0 ORDER BY id",
-            (org_id,),
-        )
-        tiers = await self._read(
-            "SELECT tier, monthly_limit_nanos FROM tier_limits WHERE org_id = ? ORDER BY tier",
-            (org_id,),
-        )
-        return OrgView(
-            *orgs[0],
-            members=tuple(MemberView(*m) for m in members),
-            tier_limits={tier: limit for tier, limit in tiers},
-        )
-
-    @_atomic
-    async def update_org(
-        self,
-        org_id: str,
-        changes: Mapping[str, object],
-        extra_usage_members: tuple[str, ...] | None = None,
-    ) -> bool:
-        """Change org settings (columns named as in the orgs table); for extra usage on
-        selected members, `extra_usage_members` lists them."""
-        _only(changes, ORG_COLUMNS, "org")
-        async with self._tx() as db:
-            exists = await (
-                await db.execute("SELECT 1 FROM orgs WHERE id = ?", (org_id,))
-            ).fetchone()
-            if not exists:
-                return False
-            for column, value in changes.items():
-                await db.execute(f"UPDATE orgs SET {column} = ? WHERE id = ?", (value, org_id))
-            if extra_usage_members is not None:
-                await db.execute(
-                    "UPDATE members SET extra_usage_enabled = (email IN (SELECT value FROM "
-                    "json_each(?))) WHERE org_id = ?",
-                    (json.dumps(list(extra_usage_members)), org_id),
-                )
-            return True
-
-    @_atomic
-    async def set_tier_limit(self, org_id: str, tier: str, limit_nanos: int | None) -> None:
-        async with self._tx() as db:
-            await db.execute(
-                "INSERT INTO tier_limits (org_id, tier, monthly_limit_nanos) VALUES (?, ?, ?) "
-                "ON CONFLICT (org_id, tier) DO UPDATE SET "
-                "monthly_limit_nanos = excluded.monthly_limit_nanos",
-                (org_id, tier, limit_nanos),
-            )
-
-    @_atomic
-    async def create_org(self, org_id: str, plan: str, timezone: str, now_s: float) -> bool:
-        async with self._tx() as db:
-            cursor = await db.execute(
-                "INSERT INTO orgs (id, plan, timezone, created_at_s) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (id) DO NOTHING",
-                (org_id, plan, timezone, now_s),
-            )
-            return cursor.rowcount == 1
-
-    @_atomic
-    async def create_member(
-        self, org_id: str, email: str, fields: Mapping[str, object], now_s: float
-    ) -> int | None:
-        """A new seat (or a removed one back); None when the email already has a seat."""
-        _only(fields, MEMBER_COLUMNS, "member")
-        async with self._tx() as db:
-            row = await (
-                await db.execute(
-                    "SELECT id, removed FROM members WHERE org_id = ? AND email = ?",
-                    (org_id, email),
-                )
-            ).fetchone()
-            if row is not None and not row[1]:
-                return None
-            if row is None:
-                cursor = await db.execute(
-                    "INSERT INTO members (org_id, email, role, tier, created_at_s) "
-                    "VALUES (?, ?, 'member', 'standard', ?)",
-                    (org_id, email, now_s),
-                )
-                member_id = cursor.lastrowid
-            else:
-                member_id = row[0]
-                await db.execute("UPDATE members SET removed = 0 WHERE id = ?", (member_id,))
-            for column, value in fields.items():
-                await db.execute(
-                    f"UPDATE members SET {column} = ? WHERE id = ?", (value, member_id)
-                )
-            return member_id
-
-    @_atomic
-    async def update_member(self, org_id: str, email: str, fields: Mapping[str, object]) -> bool:
-        _only(fields, MEMBER_COLUMNS, "member")
-        async with self._tx() as db:
-            for column, value in fields.items():
-                await db.execute(
-                    f"UPDATE members SET {column} = ? WHERE org_id = ? AND email = ? "
-                    "AND removed = 0",
-                    (value, org_id, email),
-                )
-            return True
-
-    @_atomic
-    async def remove_member(self, org_id: str, email: str, now_s: float) -> bool:
-        """The seat ends and its keys are revoked; its records and transfers stay."""
-        async with self._tx() as db:
-            cursor = await db.execute(
-                "UPDATE members SET removed = 1 WHERE org_id = ? AND email = ? AND removed = 0",
-                (org_id, email),
-            )
-            await db.execute(
-                "UPDATE keys SET revoked_at_s = ? WHERE revoked_at_s IS NULL AND member_id = "
-                "(SELECT id FROM members WHERE org_id = ? AND email = ?)",
-                (now_s, org_id, email),
-            )
-            return cursor.rowcount == 1
-
-    async def pending_count(self) -> int:
-        rows = await self._read("SELECT COUNT(*) FROM requests WHERE status = 'pending'")
-        return rows[0][0]
-
-    async def list_keys(self, org_id: str, email: str) -> list[tuple[str, float, float | None]]:
-        """A member's keys as (prefix, created_at_s, revoked_at_s): never more than the prefix."""
-        rows = await self._read(
-            "SELECT k.prefix, k.created_at_s, k.revoked_at_s FROM keys k JOIN members m "
-            "ON m.id = k.member_id WHERE m.org_id = ? AND m.email = ? ORDER BY k.created_at_s",
-            (org_id, email),
-        )
-        return [tuple(row) for row in rows]
-
-    async def member_id(self, org_id: str, email: str) -> int | None:
-        rows = await self._read(
-            "SELECT id FROM members WHERE org_id = ? AND email = ? AND removed = 0",
-            (org_id, email),
-        )
-        return rows[0][0] if rows else None
+    async def migrate(self) -> None:
+        folder = resources.files("proxy.store") / "migrations" / "sqlite"
+        scripts = sorted(p for p in folder.iterdir() if p.name.endswith(".sql"))
+        async with self.transaction() as tx:
+            version = (await tx.fetchrow("PRAGMA user_version"))[0]
+            for script in scripts:
+                number = int(script.name.split("_", 1)[0])
+                if number > version:
+                    for statement in _statements(script.read_text()):
+                        await tx.execute(statement)
+                    await tx.execute(f"PRAGMA user_version = {number}")
 
     async def ping(self) -> None:
-        async with self._lock:
-            await self._conn.execute("SELECT 1")
+        async with self.reading() as tx:
+            await tx.fetch("SELECT 1")
 
     async def close(self) -> None:
         await self._conn.close()
-
-
-def _request_record(row: aiosqlite.Row) -> RequestRecord:
-    usage = Usage(
-        input_tokens=row["input_tokens"],
-        output_tokens=row["output_tokens"],
-        cache_creation_5m_input_tokens=row["cache_creation_5m_input_tokens"],
-        cache_creation_1h_input_tokens=row["cache_creation_1h_input_tokens"],
-        cache_read_input_tokens=row["cache_read_input_tokens"],
-        web_search_requests=row["web_search_requests"],
-        speed=row["speed"],
-        output_estimated=bool(row["output_estimated"]),
-    )
-    return RequestRecord(
-        request_id=row["id"],
-        member_id=row["member_id"],
-        model=row["model"],
-        stream=bool(row["stream"]),
-        status=row["status"],
-        usage=usage,
-        reserved_nanos=row["reserved_nanos"],
-        cost_nanos=row["cost_nanos"],
-        upstream_status=row["upstream_status"],
-        outcome=row["outcome"],
-        billing=row["billing"],
-        included_nanos=row["included_nanos"],
-        extra_nanos=row["extra_nanos"],
-        overrun_nanos=row["overrun_nanos"],
-    )
-
-
-def _starts(windows: Windows) -> tuple[float | None, float | None]:
-    session, weekly = windows.get(ledger.SESSION), windows.get(ledger.WEEKLY)
-    return (session.started_at_s if session else None, weekly.started_at_s if weekly else None)
 
 
 def _statements(script: str) -> list[str]:
@@ -1077,15 +124,3 @@ def _statements(script: str) -> list[str]:
             statements.append(buffer.strip())
             buffer = ""
     return statements
-
-
-def _nanos(limit: int | str | None) -> int | None:
-    """A declared limit as stored: nanos, or NULL for "unlimited"."""
-    return None if limit == "unlimited" else limit  # type: ignore[return-value]
-
-
-def _only(columns: Mapping[str, object], allowed: frozenset[str], what: str) -> None:
-    """Column names are put into SQL: only the known settings may pass."""
-    unknown = set(columns) - allowed
-    if unknown:
-        raise ValueError(f"not a {what} setting: {sorted(unknown)}")

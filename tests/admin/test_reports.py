@@ -19,8 +19,10 @@ from proxy.admin.reports import SLICE_S, slice_s
 from proxy.appkeys import STORE
 from proxy.money import usd_to_nanos
 from tests.admin.test_routes import CALLERS, CAROL_KEY, DAVE_KEY, call
-from tests.conftest import ADMIN_TOKEN, ALICE_KEY, BOB_KEY
-from tests.test_e2e_sdk import PROMPT, SCRIPTED_USAGE, sdk, settled
+from tests.conftest import ADMIN_TOKEN, ALICE_KEY, BOB_KEY, settled
+from tests.test_e2e_sdk import PROMPT, SCRIPTED_USAGE, sdk
+
+pytestmark = pytest.mark.both_stores  # every test here on both stores
 
 ERIN_KEY = "sk-test-erin-00000000000000000006"
 ORGS = f"""

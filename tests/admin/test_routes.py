@@ -12,6 +12,8 @@ from aiohttp.test_utils import TestServer
 from tests.conftest import ADMIN_TOKEN, ALICE_KEY, BOB_KEY
 from tests.test_e2e_sdk import PROMPT, sdk
 
+pytestmark = pytest.mark.both_stores  # every test here on both stores
+
 CAROL_KEY = "sk-test-carol-0000000000000000004"
 DAVE_KEY = "sk-test-dave-00000000000000000005"
 ORGS = f"""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import tomllib
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -14,10 +15,10 @@ from proxy.auth import hash_key
 from proxy.ledger import EXTRA, INCLUDED, Admitted, Blocked, Unaffordable
 from proxy.metering import Usage
 from proxy.orgfile import parse_orgs
-from proxy.settings import Plans
+from proxy.settings import Plans, StoreSettings
 from proxy.store import open_store
 from proxy.store.base import AdmissionRequest, IdempotencyConflict, Settlement, Store
-from tests.conftest import ALICE_KEY, DEFAULT_ORGS
+from tests.conftest import ALICE_KEY, DEFAULT_ORGS, postgres_schema
 
 PLANS = Plans.from_mapping(
     {"tiers": {"standard": {"session_included_usd": 0.01, "included_admission": "worst_case"}}},
@@ -27,20 +28,27 @@ TIERS = PLANS.tiers
 NOW_S = 1_767_225_600.0
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgresql"])
 async def make_store(request: pytest.FixtureRequest, tmp_path: Path):
-    """Open a fresh store of the parametrized backend with an orgs file applied."""
-    opened: list[Store] = []
+    """Open a fresh store of the parametrized backend with an orgs file applied (once a test:
+    PostgreSQL gets a schema of its own for it)."""
+    async with contextlib.AsyncExitStack() as stack:
+        if request.param == "postgresql":
+            url = await stack.enter_async_context(postgres_schema())
+        else:
+            url = f"sqlite:///{tmp_path / 'contract.db'}"
+        opened: list[Store] = []
 
-    async def make(orgs: str = DEFAULT_ORGS) -> Store:
-        store = await open_store(f"sqlite:///{tmp_path / f'contract{len(opened)}.db'}")
-        opened.append(store)
-        await store.apply_orgs(parse_orgs(tomllib.loads(orgs), "orgs.toml", PLANS), NOW_S)
-        return store
+        async def make(orgs: str = DEFAULT_ORGS) -> Store:
+            assert not opened, "one store per test"
+            store = await open_store(StoreSettings(url=url))
+            opened.append(store)
+            await store.apply_orgs(parse_orgs(tomllib.loads(orgs), "orgs.toml", PLANS), NOW_S)
+            return store
 
-    yield make
-    for store in opened:
-        await store.close()
+        yield make
+        for store in opened:
+            await store.close()
 
 
 @pytest.fixture

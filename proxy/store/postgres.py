@@ -1,0 +1,209 @@
+"""The shared backend: PostgreSQL through an asyncpg pool, for several proxy replicas.
+
+Every replica runs the same SQL (store/sql.py). Money steps of one org run one at a time across
+all replicas because each takes the org's row lock first (`SELECT ... FOR UPDATE`); under READ
+COMMITTED every later statement of that transaction then sees what the previous holder committed.
+A transaction that still loses a race (deadlock, serialization failure) runs again (sql._atomic).
+A server that is down, a connection that dies and a pool with no free connection within
+`store.pool_timeout_s` all become StoreUnavailable: the request fails with a 503, and the pool
+opens fresh connections for the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Any
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from proxy.store.base import StoreUnavailable
+from proxy.store.sql import SqlStore
+
+# What a lost or refused connection raises; a query's own errors (constraints...) are not here.
+UNREACHABLE = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,  # shutting down, starting up
+    asyncpg.exceptions.TooManyConnectionsError,
+)
+RETRYABLE = (asyncpg.exceptions.SerializationError, asyncpg.exceptions.DeadlockDetectedError)
+
+IDENTITY_COLUMNS = (
+    ("members", "id"),
+    ("transfers", "id"),
+    ("requests", "rowid"),
+    ("alerts", "rowid"),
+)
+
+_PLACEHOLDER = re.compile(r"'[^']*'|\?(\d*)")
+
+
+def safe_url(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    user = f"{parts.username}@" if parts.username else ""
+    return f"{parts.scheme}://{user}{host}{port}{parts.path}"
+
+
+async def open_postgres(url: str, *, pool_size: int, pool_timeout_s: float) -> SqlStore:
+    try:
+        pool = await asyncpg.create_pool(
+            url,
+            min_size=1,
+            max_size=pool_size,
+            statement_cache_size=512,
+            timeout=pool_timeout_s,  # connecting
+        )
+    except UNREACHABLE as exc:
+        raise StoreUnavailable(f"cannot connect to {safe_url(url)}: {exc}") from exc
+    db = PostgresDatabase(pool, pool_timeout_s)
+    try:
+        await db.migrate()
+    except BaseException:
+        await pool.close()
+        raise
+    return SqlStore(db)
+
+
+def to_dollar_params(sql: str) -> str:
+    """`?` placeholders (and SQLite's numbered `?2`) as PostgreSQL's `$n`."""
+    counter = 0
+
+    def number(match: re.Match[str]) -> str:
+        nonlocal counter
+        if match.group(0).startswith("'"):
+            return match.group(0)  # a string literal stays as written
+        if match.group(1):
+            return f"${match.group(1)}"
+        counter += 1
+        return f"${counter}"
+
+    return _PLACEHOLDER.sub(number, sql)
+
+
+class PostgresTx:
+    def __init__(self, conn: asyncpg.Connection, translated: dict[str, str]) -> None:
+        self._conn = conn
+        self._translated = translated
+
+    def _sql(self, sql: str) -> str:
+        found = self._translated.get(sql)
+        if found is None:
+            found = self._translated[sql] = to_dollar_params(sql)
+        return found
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        status = await self._conn.execute(self._sql(sql), *params)
+        # "UPDATE 3", "INSERT 0 1", "DELETE 0": the count is the last word
+        last = status.rsplit(" ", 1)[-1]
+        return int(last) if last.isdigit() else 0
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        await self._conn.executemany(self._sql(sql), rows)
+
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        return await self._conn.fetch(self._sql(sql), *params)
+
+    async def fetchrow(self, sql: str, params: Sequence[Any] = ()) -> Any | None:
+        return await self._conn.fetchrow(self._sql(sql), *params)
+
+    async def lock_org(self, org_id: str) -> None:
+        await self._conn.execute("SELECT 1 FROM orgs WHERE id = $1 FOR UPDATE", org_id)
+
+    async def lock_named(self, name: str) -> None:
+        await self._conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext(current_schema() || ':' || $1))", name
+        )
+
+
+class PostgresDatabase:
+    slice_start_sql = "FLOOR({instant} / CAST({slice_s} AS DOUBLE PRECISION)) * {slice_s}"
+
+    def __init__(self, pool: asyncpg.Pool, pool_timeout_s: float) -> None:
+        self._pool = pool
+        self._pool_timeout_s = pool_timeout_s
+        self._translated: dict[str, str] = {}
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+        try:
+            conn = await self._pool.acquire(timeout=self._pool_timeout_s)
+        except UNREACHABLE as exc:
+            if isinstance(exc, asyncio.TimeoutError):
+                raise StoreUnavailable(
+                    f"no free store connection within {self._pool_timeout_s:g} s "
+                    "(store.pool_size connections are busy)"
+                ) from exc
+            raise StoreUnavailable(f"the store is unreachable: {exc}") from exc
+        try:
+            yield conn
+        except UNREACHABLE as exc:
+            raise StoreUnavailable(f"the store connection failed: {exc}") from exc
+        finally:
+            await self._pool.release(conn)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[PostgresTx]:
+        async with self._connection() as conn, conn.transaction():
+            yield PostgresTx(conn, self._translated)
+
+    @asynccontextmanager
+    async def reading(self) -> AsyncIterator[PostgresTx]:
+        async with self._connection() as conn:
+            yield PostgresTx(conn, self._translated)
+
+    def retryable(self, exc: BaseException) -> bool:
+        return isinstance(exc, RETRYABLE)
+
+    async def columns(self, table: str) -> list[str]:
+        async with self.reading() as tx:
+            rows = await tx.fetch(
+                "SELECT column_name FROM information_schema.columns WHERE table_schema = "
+                "current_schema() AND table_name = ? ORDER BY ordinal_position",
+                (table,),
+            )
+        return [row[0] for row in rows]
+
+    async def after_copy(self, tx: PostgresTx) -> None:
+        for table, column in IDENTITY_COLUMNS:
+            await tx.fetch(
+                f"SELECT setval(pg_get_serial_sequence('{table}', '{column}'), "
+                f"(SELECT COALESCE(MAX({column}), 0) + 1 FROM {table}), false)"
+            )
+
+    async def migrate(self) -> None:
+        """Apply the scripts not applied yet; replicas that start at once take turns."""
+        folder = resources.files("proxy.store") / "migrations" / "postgresql"
+        scripts = sorted(p for p in folder.iterdir() if p.name.endswith(".sql"))
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtext(current_schema() || ':migrate'))"
+            )
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, "
+                "applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+            )
+            version = await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+            for script in scripts:
+                number = int(script.name.split("_", 1)[0])
+                if number > version:
+                    await conn.execute(script.read_text())  # no arguments: many statements
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (version) VALUES ($1)", number
+                    )
+
+    async def ping(self) -> None:
+        async with self.reading() as tx:
+            await tx.fetch("SELECT 1")
+
+    async def close(self) -> None:
+        await self._pool.close()
