@@ -95,13 +95,16 @@ def test_quick_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         assert (row["requests"], row["ok"]) == (40, 40), row
         assert 0 < row["streams_open"] <= 40
         assert row["rss_kb_idle"] > 0 and row["rss_kb_streams_open"] > 0
+        assert isinstance(row["all_open"], bool)
     leak = memory["leak"]
     assert (leak["requests"], leak["ok"], leak["failed"]) == (200, 200, 0)
     assert min(leak["rss_kb_start"], leak["rss_kb_after_n"], leak["rss_kb_after_2n"]) > 0
 
     accounting = report["accounting"]
     assert accounting["requests_sent"] > 0
-    assert accounting["requests_recorded"] == accounting["requests_sent"]
+    assert (
+        accounting["requests_recorded"] == accounting["requests_ok"] == accounting["requests_sent"]
+    )
     assert accounting["verify_ok"] is True
     assert (accounting["pending_reservations"], accounting["mismatches"]) == (0, 0)
 
