@@ -1,4 +1,4 @@
-"""The command line: serve | mock-upstream | hash-key | continue | usage | admin verify."""
+"""The command line: serve | mock-upstream | hash-key | continue | usage | admin | bench."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from proxy import admincli
+from proxy import admincli, bench
 from proxy.admincli import DEFAULT_URL
 from proxy.app import create_app
 from proxy.auth import hash_key
@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     move.add_argument("--json", action="store_true", help="print JSON")
     admincli.add_commands(admin_commands)
 
+    bench.add_parser(commands)
+
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
@@ -133,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_migrate_store(args.source, args.target, as_json=args.json))
         if args.command == "admin":
             return admincli.main(args)
+        if args.command == "bench":
+            return bench.run(args)
     except ConfigError as exc:
         print(f"usage-proxy: config error: {exc}", file=sys.stderr)
         return 2
