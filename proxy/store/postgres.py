@@ -133,6 +133,7 @@ class PostgresTx:
 
 
 class PostgresDatabase:
+    yields_mid_transaction = True
     slice_start_sql = "FLOOR({instant} / CAST({slice_s} AS DOUBLE PRECISION)) * {slice_s}"
 
     def __init__(self, pool: asyncpg.Pool, pool_timeout_s: float) -> None:

@@ -105,6 +105,11 @@ class Tx(Protocol):
 class Database(Protocol):
     """A backend: connections, transactions and the SQL fragments that differ."""
 
+    # True when a transaction's statements await the network (PostgreSQL): a caller cancelled
+    # there must not leave it half-run, so steps are shielded. SQLite's statements run on the
+    # loop's thread without yielding: between BEGIN and COMMIT nothing can cancel them.
+    yields_mid_transaction: bool
+
     # SQL for the start of the slice of `slice_s` seconds that an instant falls in, with the
     # placeholders named {instant} and {slice_s}
     slice_start_sql: str
@@ -183,6 +188,8 @@ def _atomic(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     @functools.wraps(method)
     async def run(*args: P.args, **kwargs: P.kwargs) -> R:
         store: SqlStore = args[0]  # type: ignore[assignment]
+        if not store._db.yields_mid_transaction:
+            return await method(*args, **kwargs)  # no task to shield it in: nothing to cancel
         for attempt in range(1, RETRIES_MAX + 1):
             try:
                 return await asyncio.shield(method(*args, **kwargs))

@@ -65,6 +65,7 @@ class SqliteTx:
 
 
 class SqliteDatabase:
+    yields_mid_transaction = False
     slice_start_sql = "CAST({instant} / {slice_s} AS INTEGER) * {slice_s}"
 
     def __init__(self, conn: sqlite3.Connection) -> None:
