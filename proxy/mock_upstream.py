@@ -45,12 +45,12 @@ FAILS = frozenset(
 # an event whose data is not JSON, bytes that are not UTF-8, a line with no field name, an
 # unknown event, a comment, and a data line split by a bare CR.
 MALFORMED_SSE = (
-    b"event: content_block_delta\ndata: {\"type\": \"content_block_delta\", \"index\n\n"
+    b'event: content_block_delta\ndata: {"type": "content_block_delta", "index\n\n'
     b"event: content_block_delta\ndata: \xff\xfe\xfd not utf-8\n\n"
     b"this line has no field name\n\n"
-    b"event: surprise\ndata: {\"type\": \"surprise\"}\n\n"
+    b'event: surprise\ndata: {"type": "surprise"}\n\n'
     b": a comment line\n\n"
-    b"data: {\"type\": \"message_delta\", \"usage\": {\"output_tokens\": \"many\"}}\n\n"
+    b'data: {"type": "message_delta", "usage": {"output_tokens": "many"}}\n\n'
 )
 RATELIMIT_HEADERS = {
     "anthropic-ratelimit-requests-limit": "4000",

@@ -139,7 +139,7 @@ def _parse_member(t: TableReader, plans: Plans) -> MemberSpec:
                 name,
                 f"must be a string of at least {KEY_CHARS_MIN} characters without surrounding "
                 "spaces (make one with: python3 -c 'import secrets; "
-                "print(\"sk-\" + secrets.token_urlsafe(32))')",
+                'print("sk-" + secrets.token_urlsafe(32))\')',
             )
     shas = t.get("key_sha256", (str, list), [])
     shas = [shas] if isinstance(shas, str) else shas

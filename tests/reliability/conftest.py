@@ -169,7 +169,7 @@ async def stream_message(
                 result.body += chunk
                 if started is not None and not started.is_set():
                     started.set()
-    except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
         result.error = type(exc).__name__
     finally:
         if started is not None:

@@ -11,7 +11,7 @@ import sys
 import aiohttp
 
 from tests.conftest import ADMIN_TOKEN, UPSTREAM_KEY
-from tests.reliability.conftest import ROOT, stream_message, store_rows
+from tests.reliability.conftest import ROOT, store_rows, stream_message
 
 IN_FLIGHT = 100
 DONE_BEFORE = 5
@@ -107,11 +107,14 @@ async def test_kill_9_with_100_streams_in_flight_then_restart(proxy_process, ups
         "SELECT COUNT(*) FROM transfers t JOIN requests r ON r.id = t.request_id "
         "WHERE r.status <> 'posted'",
     ) == [(0,)]
-    assert store_rows(
-        proxy.config_path,
-        "SELECT request_id, kind, COUNT(*) FROM transfers WHERE request_id IS NOT NULL "
-        "GROUP BY request_id, kind HAVING COUNT(*) > 1",
-    ) == []
+    assert (
+        store_rows(
+            proxy.config_path,
+            "SELECT request_id, kind, COUNT(*) FROM transfers WHERE request_id IS NOT NULL "
+            "GROUP BY request_id, kind HAVING COUNT(*) > 1",
+        )
+        == []
+    )
     verified = verify_cli(proxy.config_path)
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert "pending_reservations: 0" in verified.stdout and "mismatches: 0" in verified.stdout
