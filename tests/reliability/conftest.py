@@ -164,7 +164,7 @@ async def stream_message(
             f"{url}/v1/messages", json=body, headers={"x-api-key": key, **(headers or {})}
         ) as response:
             result.status = response.status
-            result.headers = dict(response.headers)
+            result.headers = {name.lower(): value for name, value in response.headers.items()}
             async for chunk in response.content.iter_any():
                 result.body += chunk
                 if started is not None and not started.is_set():
