@@ -43,7 +43,7 @@ FAILS = frozenset(
 )
 # What `x-mock-fail: malformed-sse` writes mid-stream before going on as if nothing happened:
 # an event whose data is not JSON, bytes that are not UTF-8, a line with no field name, an
-# unknown event, a comment, and a data line split by a bare CR.
+# unknown event, a comment, and a message_delta whose output count is not a number.
 MALFORMED_SSE = (
     b'event: content_block_delta\ndata: {"type": "content_block_delta", "index\n\n'
     b"event: content_block_delta\ndata: \xff\xfe\xfd not utf-8\n\n"

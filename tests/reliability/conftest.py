@@ -175,3 +175,29 @@ async def stream_message(
         if started is not None:
             started.set()  # a request that failed before any byte also counts as "no longer waiting"
     return result
+
+
+def verify_cli(config_path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", "admin", "verify", "--config", str(config_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def exchange_raw(port: int, request: bytes, *, whole: bool = True) -> bytes:
+    """Send bytes as they are (no client library tidies them) and read the answer (its status
+    line only when not `whole`: a server may keep waiting for a body it was promised)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    await writer.drain()
+    read = reader.read() if whole else reader.readline()
+    answer = await asyncio.wait_for(read, timeout=10)
+    writer.close()
+    return answer
+
+
+def status_of(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1])

@@ -5,13 +5,11 @@ reservations are released and the ledger still sums."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 
 import aiohttp
 
 from tests.conftest import ADMIN_TOKEN, UPSTREAM_KEY
-from tests.reliability.conftest import ROOT, store_rows, stream_message
+from tests.reliability.conftest import store_rows, stream_message, verify_cli
 
 IN_FLIGHT = 100
 DONE_BEFORE = 5
@@ -37,16 +35,6 @@ key = "{KEY}"
 extra_usage_consent = "always"
 """
 SLOW_STREAM = {"x-mock-deltas": "300", "x-mock-output-tokens": "600", "x-mock-delay-ms": "200"}
-
-
-def verify_cli(config_path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "proxy", "admin", "verify", "--config", str(config_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 async def test_kill_9_with_100_streams_in_flight_then_restart(proxy_process, upstream) -> None:

@@ -4,7 +4,6 @@ refused), and random bodies never leave a reservation unsettled."""
 
 from __future__ import annotations
 
-import asyncio
 import http.client
 import json
 import socket
@@ -24,30 +23,21 @@ from proxy.appkeys import STORE
 from proxy.mock_upstream import MOCK_STATE_KEY
 from proxy.paths import relayable
 from tests.conftest import ALICE_KEY, UPSTREAM_KEY, ConfigFactory, settled
-from tests.reliability.conftest import ROOT, ProxyProcess, free_port, store_rows
-from tests.reliability.test_crash import verify_cli
+from tests.reliability.conftest import (
+    ROOT,
+    ProxyProcess,
+    exchange_raw,
+    free_port,
+    status_of,
+    store_rows,
+    verify_cli,
+)
 
 MESSAGE = {
     "model": "claude-haiku-4-5",
     "max_tokens": 64,
     "messages": [{"role": "user", "content": "hi"}],
 }
-
-
-async def exchange_raw(port: int, request: bytes, *, whole: bool = True) -> bytes:
-    """Send bytes as they are (no client library tidies them) and read the answer (its status
-    line only when not `whole`: a server may keep waiting for a body it was promised)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(request)
-    await writer.drain()
-    read = reader.read() if whole else reader.readline()
-    answer = await asyncio.wait_for(read, timeout=10)
-    writer.close()
-    return answer
-
-
-def status_of(answer: bytes) -> int:
-    return int(answer.split(b" ", 2)[1])
 
 
 def forwarded(upstream: TestServer) -> int:

@@ -6,9 +6,11 @@ a continue link is bound to one member and to its window."""
 from __future__ import annotations
 
 import ast
+import json
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import aiohttp
@@ -29,9 +31,15 @@ from tests.conftest import (
     DEFAULT_ORGS,
     REVOKED_KEY,
     UPSTREAM_KEY,
+    ConfigFactory,
 )
-from tests.reliability.conftest import ROOT, store_rows, stream_message
-from tests.reliability.test_hostile_input import exchange_raw, status_of
+from tests.reliability.conftest import (
+    ROOT,
+    exchange_raw,
+    status_of,
+    store_rows,
+    stream_message,
+)
 
 PLANS = Plans.load(CONFIG_DIR / "plans.toml")
 PROMPT = "the-secret-prompt-text-that-must-never-be-logged"
@@ -61,8 +69,6 @@ def test_short_keys_in_orgs_toml_are_a_config_error_naming_file_and_key(tmp_path
 
 
 def test_serve_refuses_a_short_key_with_one_line_and_status_2(tmp_path: Path) -> None:
-    from tests.conftest import ConfigFactory
-
     config = ConfigFactory(tmp_path / "config").write(
         orgs=DEFAULT_ORGS.replace(BOB_KEY, "sk-bob-1234")
     )
@@ -84,8 +90,6 @@ def test_serve_refuses_a_short_key_with_one_line_and_status_2(tmp_path: Path) ->
 def test_the_shipped_and_test_org_files_comply() -> None:
     for name in ("demo-orgs.toml", "orgs.toml"):
         load_orgs(CONFIG_DIR / name, PLANS)
-    import tomllib
-
     parse_orgs(tomllib.loads(DEFAULT_ORGS), "tests/conftest.py", PLANS)
 
 
@@ -216,9 +220,7 @@ async def test_a_full_run_never_logs_a_key_token_or_prompt_nor_shows_the_upstrea
             json={"email": "carol@acme.test"},
             headers={"authorization": f"Bearer {ADMIN_TOKEN}"},
         )
-        import json as json_module
-
-        carol_key = json_module.loads(created.body_bytes)["key"]
+        carol_key = json.loads(created.body_bytes)["key"]
         seen.pop()  # that answer shows Carol's key once, by design
         keys = (ALICE_KEY, BOB_KEY, REVOKED_KEY, carol_key)
         for key in keys:
@@ -241,7 +243,7 @@ async def test_a_full_run_never_logs_a_key_token_or_prompt_nor_shows_the_upstrea
             "POST", "/v1/messages", json=message, headers={"x-api-key": BOB_KEY, **COST}
         )
         assert refused.status == 429
-        link = json_module.loads(refused.body_bytes)["error"]["details"]["continue"]["url"]
+        link = json.loads(refused.body_bytes)["error"]["details"]["continue"]["url"]
         token = URL(link).path.rsplit("/", 1)[1]
         await call("GET", URL(link).path)
         await call("POST", URL(link).path)

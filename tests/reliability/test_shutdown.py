@@ -9,8 +9,8 @@ import socket
 
 import aiohttp
 
-from tests.reliability.conftest import store_rows, stream_message
-from tests.reliability.test_crash import KEY, ORGS, PLANS, verify_cli
+from tests.reliability.conftest import store_rows, stream_message, verify_cli
+from tests.reliability.test_crash import KEY, ORGS, PLANS
 
 STREAMS = 20
 
