@@ -301,6 +301,8 @@ def _serve(args: argparse.Namespace) -> int:
         port=server.port,
         handler_cancellation=True,
         access_log=None,
+        shutdown_timeout=server.shutdown_grace_s,  # SIGTERM: stop accepting, let streams end
+        keepalive_timeout=server.idle_timeout_s,
         print=lambda _: print(f"usage-proxy on {server.public_url}"),
     )
     return 0
@@ -361,6 +363,8 @@ def _serve_demo(settings: Settings, config_path: Path) -> int:
         port=settings.server.port,
         handler_cancellation=True,
         access_log=None,
+        shutdown_timeout=settings.server.shutdown_grace_s,
+        keepalive_timeout=settings.server.idle_timeout_s,
         print=banner,
     )
     return 0

@@ -43,8 +43,6 @@ from proxy.upstream import Upstream
 
 log = structlog.get_logger("proxy.app")
 
-SWEEP_INTERVAL_S = 30.0
-
 
 def create_app(
     settings: Settings, *, clock: Clock | None = None, payments: PaymentProvider | None = None
@@ -114,14 +112,16 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _tasks_ctx(app: web.Application) -> AsyncIterator[None]:
     tasks = app[TASKS]
-    sweeper = tasks.spawn(_sweep(app[BILLING]), name="reservation sweeper")
+    sweeper = tasks.spawn(
+        _sweep(app[BILLING], app[SETTINGS].store.sweep_interval_s), name="reservation sweeper"
+    )
     yield
     sweeper.cancel()
     app[WEBHOOKS].stop_retrying()  # a dead webhook must not hold up the shutdown
     await tasks.drain()
 
 
-async def _sweep(billing: Billing) -> None:
+async def _sweep(billing: Billing, interval_s: float) -> None:
     """Expire reservations that no process settled (a crash); the first pass runs at start."""
     while True:
         try:
@@ -130,7 +130,7 @@ async def _sweep(billing: Billing) -> None:
                 log.warning("reservations_expired", count=expired)
         except Exception:
             log.exception("sweep_failed")
-        await asyncio.sleep(SWEEP_INTERVAL_S)
+        await asyncio.sleep(interval_s)
 
 
 async def _advance_clock(request: web.Request) -> web.Response:

@@ -38,6 +38,7 @@ from proxy.ledger import (
 )
 from proxy.metering import SseMeter, Usage, usage_from_body
 from proxy.money import format_usd
+from proxy.paths import check_relayable
 from proxy.refusals import extra_usage_disabled_refusal, reset_phrase, rfc3339
 from proxy.store.base import Seat
 
@@ -45,6 +46,8 @@ SSE_CONTENT_TYPE = "text/event-stream"
 CONTINUE_HEADER = "x-extra-usage"
 # Above this body size the input estimate runs in a worker thread (~5 ms of tiktoken per 100 KB).
 THREAD_ESTIMATE_BYTES = 64 * 1024
+# Above any model's output limit, and small enough that a worst case stays a 64-bit integer.
+MAX_TOKENS_MAX = 10_000_000
 
 
 async def head_root(request: web.Request) -> web.Response:
@@ -69,6 +72,7 @@ async def authenticate(request: web.Request) -> Seat:
 async def passthrough(request: web.Request) -> web.StreamResponse:
     """Any /v1 path but /v1/messages (count_tokens, models, ...): authenticated, never metered."""
     await authenticate(request)
+    check_relayable(request.rel_url.raw_path)
     ex = request[EXCHANGE]
     upstream = request.app[UPSTREAM]
     body = await request.read()
@@ -251,6 +255,8 @@ def parse_messages_call(body: bytes) -> dict[str, Any]:
     max_tokens = call.get("max_tokens")
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise bad_request("max_tokens: Field required (a positive integer).")
+    if max_tokens > MAX_TOKENS_MAX:
+        raise bad_request(f"max_tokens: must be at most {MAX_TOKENS_MAX}.")
     call["stream"] = call.get("stream") is True
     return call
 

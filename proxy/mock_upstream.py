@@ -38,7 +38,20 @@ MODELS = (
 WORDS = (" The", " mock", " upstream", " says", " hello", " and", " counts", " every", " word")
 OUTPUT_TOKENS_DEFAULT = 12
 DELTAS_DEFAULT = 5
-FAILS = frozenset({"529", "500", "cut-stream", "error-event", "stall", "reset"})
+FAILS = frozenset(
+    {"529", "500", "cut-stream", "error-event", "stall", "reset", "hang", "malformed-sse"}
+)
+# What `x-mock-fail: malformed-sse` writes mid-stream before going on as if nothing happened:
+# an event whose data is not JSON, bytes that are not UTF-8, a line with no field name, an
+# unknown event, a comment, and a message_delta whose output count is not a number.
+MALFORMED_SSE = (
+    b'event: content_block_delta\ndata: {"type": "content_block_delta", "index\n\n'
+    b"event: content_block_delta\ndata: \xff\xfe\xfd not utf-8\n\n"
+    b"this line has no field name\n\n"
+    b'event: surprise\ndata: {"type": "surprise"}\n\n'
+    b": a comment line\n\n"
+    b'data: {"type": "message_delta", "usage": {"output_tokens": "many"}}\n\n'
+)
 RATELIMIT_HEADERS = {
     "anthropic-ratelimit-requests-limit": "4000",
     "anthropic-ratelimit-requests-remaining": "3999",
@@ -81,6 +94,7 @@ class MockState:
     messages_total: int = 0  # POST /v1/messages that passed the key check
     streams_completed: int = 0  # streams that reached message_stop
     clients_gone: int = 0  # answers whose client went away before the mock was done
+    stream_bytes_sent: int = 0  # bytes of SSE that streams handed to their connections
     recent: deque[RecordedRequest] = field(default_factory=lambda: deque(maxlen=32))
 
 
@@ -106,7 +120,8 @@ class Script:
     speed: str | None = None  # x-mock-speed: fast | standard
     deltas: int = DELTAS_DEFAULT  # x-mock-deltas: text deltas of a stream
     delay_ms: int = 0  # x-mock-delay-ms: before each stream event after message_start
-    fail: str | None = None  # x-mock-fail: 529|500|cut-stream|error-event|stall|reset
+    fail: str | None = None  # x-mock-fail: one of FAILS
+    retry_after: str | None = None  # x-mock-retry-after: the retry-after of a 529 or 500
 
     @classmethod
     def from_headers(cls, headers: Mapping[str, str], *, fast: bool) -> Script:
@@ -130,6 +145,7 @@ class Script:
             deltas=DELTAS_DEFAULT if deltas is None else deltas,
             delay_ms=0 if fast else delay_ms or 0,
             fail=fail,
+            retry_after=headers.get("x-mock-retry-after"),
         )
 
 
@@ -272,7 +288,11 @@ async def _messages(request: web.Request) -> web.StreamResponse:
     stream = payload.get("stream") is True
     if script.fail in ("529", "500") or (script.fail == "error-event" and not stream):
         await _delay(script)
-        return _failure(request, script.fail)
+        return _failure(request, script.fail, script.retry_after)
+    if script.fail == "hang":  # no response head at all, until the client gives up
+        await _until_client_gone(request)
+        request.app[MOCK_STATE_KEY].clients_gone += 1
+        return web.Response(status=504)  # never reaches the client
     # like the real API, never more output than max_tokens
     output_tokens = min(
         max_tokens,
@@ -333,7 +353,9 @@ async def _stream(request: web.Request, reply: Reply) -> web.StreamResponse:
     async def send(event: str, data: dict[str, Any], *, delayed: bool = True) -> None:
         if delayed:
             await _delay(script)
-        await response.write(_sse(event, data))
+        chunk = _sse(event, data)
+        await response.write(chunk)
+        state.stream_bytes_sent += len(chunk)
 
     start = {
         "id": reply.message_id,
@@ -356,13 +378,15 @@ async def _stream(request: web.Request, reply: Reply) -> web.StreamResponse:
         )
         await send("ping", {"type": "ping"})
         for index, text in enumerate(parts):
-            if index == fault_at:
+            if index == fault_at and script.fail == "malformed-sse":
+                await response.write(MALFORMED_SSE)
+            elif index == fault_at:
                 break
             delta = {"type": "text_delta", "text": text}
             await send(
                 "content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta}
             )
-        if fault_at is not None:
+        if fault_at is not None and script.fail != "malformed-sse":
             return await _stream_fault(request, response, script)
         await send("content_block_stop", {"type": "content_block_stop", "index": 0})
         await send(
@@ -407,7 +431,7 @@ async def _count_tokens(request: web.Request) -> web.StreamResponse:
     payload = _json_object(await request.read())
     _required_model(payload)
     if script.fail in ("529", "500"):
-        return _failure(request, script.fail)
+        return _failure(request, script.fail, script.retry_after)
     count = script.input_tokens if script.input_tokens is not None else _text_tokens(payload)
     return web.json_response({"input_tokens": count}, dumps=_dumps_str)
 
@@ -416,7 +440,7 @@ async def _models(request: web.Request) -> web.StreamResponse:
     """GET /v1/models: one page of the model list (`limit`, `after_id`, `before_id`)."""
     script = Script.from_headers(request.headers, fast=request.app[MOCK_CONFIG_KEY].fast)
     if script.fail in ("529", "500"):
-        return _failure(request, script.fail)
+        return _failure(request, script.fail, script.retry_after)
     try:
         limit = int(request.query.get("limit", "20"))
     except ValueError:
@@ -480,16 +504,18 @@ def _model_object(model: tuple[str, str, str]) -> dict[str, str]:
     }
 
 
-def _failure(request: web.Request, fail: str | None) -> web.Response:
-    """The HTTP error an `x-mock-fail` status asks for (529 for everything but 500)."""
+def _failure(request: web.Request, fail: str | None, retry_after: str | None) -> web.Response:
+    """The HTTP error an `x-mock-fail` status asks for (529 for everything but 500), with
+    `retry-after` from `x-mock-retry-after` (a 529 says 1 second unless told otherwise)."""
     if fail == "500":
-        return _error(request, 500, "api_error", "Internal server error")
+        headers = {"retry-after": retry_after} if retry_after is not None else None
+        return _error(request, 500, "api_error", "Internal server error", headers=headers)
     return _error(
         request,
         529,
         "overloaded_error",
         "Overloaded",
-        headers={"retry-after": "1", "x-should-retry": "true"},
+        headers={"retry-after": retry_after or "1", "x-should-retry": "true"},
     )
 
 

@@ -15,6 +15,7 @@ from proxy.store.base import Limit, MemberSpec, OrgSpec
 PLANS = ("team", "enterprise", "max")
 ROLES = ("primary_owner", "owner", "member")
 CONSENTS = ("ask", "always")
+KEY_CHARS_MIN = 20  # a plain key in the file must be long enough not to be guessed
 
 
 def load_orgs(path: Path, plans: Plans) -> list[OrgSpec]:
@@ -131,6 +132,15 @@ def _parse_member(t: TableReader, plans: Plans) -> MemberSpec:
         raise t.fail("tier", f"unknown tier {tier!r} (plans.toml has {sorted(plans.tiers)})")
     keys = t.get("key", (str, list), [])
     keys = [keys] if isinstance(keys, str) else keys
+    for index, key in enumerate(keys):
+        if not isinstance(key, str) or len(key.strip()) < KEY_CHARS_MIN or key != key.strip():
+            name = "key" if isinstance(t.data.get("key"), str) else f"key[{index}]"
+            raise t.fail(  # never the key itself: the message is printed and logged
+                name,
+                f"must be a string of at least {KEY_CHARS_MIN} characters without surrounding "
+                "spaces (make one with: python3 -c 'import secrets; "
+                'print("sk-" + secrets.token_urlsafe(32))\')',
+            )
     shas = t.get("key_sha256", (str, list), [])
     shas = [shas] if isinstance(shas, str) else shas
     for sha in shas:

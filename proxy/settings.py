@@ -151,6 +151,8 @@ class ServerSettings:
     max_body_bytes: int = 32 * 1024 * 1024
     key_cache_s: float = 2.0
     log_level: str = "info"
+    shutdown_grace_s: float = 30.0  # SIGTERM: in-flight requests get this long to finish
+    idle_timeout_s: float = 75.0  # a connection with no request in flight is closed after this
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +173,7 @@ class StoreSettings:
     pool_size: int = 10  # PostgreSQL: connections per replica
     pool_timeout_s: float = 5.0  # PostgreSQL: wait this long for a free connection, then 503
     settle_retry_s: float = 60.0  # a settlement the store refused is tried again this long
+    sweep_interval_s: float = 30.0  # how often expired reservations are looked for
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +213,8 @@ def load_settings(path: Path, env: Mapping[str, str] | None = None) -> Settings:
         max_body_bytes=round(s.number("max_body_mb", 32, minimum=0.001) * 1024 * 1024),
         key_cache_s=s.number("key_cache_s", 2.0),
         log_level=s.get("log_level", str, "info"),
+        shutdown_grace_s=s.number("shutdown_grace_s", 30.0),
+        idle_timeout_s=s.number("idle_timeout_s", 75.0, minimum=0.001),
     )
     s.done()
 
@@ -235,6 +240,7 @@ def load_settings(path: Path, env: Mapping[str, str] | None = None) -> Settings:
         pool_size=int(st.number("pool_size", 10, minimum=1)),
         pool_timeout_s=st.number("pool_timeout_s", 5.0, minimum=0.001),
         settle_retry_s=st.number("settle_retry_s", 60.0, minimum=0),
+        sweep_interval_s=st.number("sweep_interval_s", 30.0, minimum=0.01),
     )
     if not store.url.startswith(("sqlite:///", "postgresql://", "postgres://")):
         raise st.fail("url", "must start with sqlite:/// or postgresql://")

@@ -8,6 +8,8 @@ from typing import Any
 
 import structlog
 
+from proxy.errors import Refusal
+
 log = structlog.get_logger("proxy.tasks")
 
 
@@ -23,8 +25,11 @@ class Tasks:
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._running.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("task_failed", task=task.get_name(), exc_info=task.exception())
+        if task.cancelled() or task.exception() is None:
+            return
+        if isinstance(task.exception(), Refusal):  # an expected outcome its awaiter answers
+            return
+        log.error("task_failed", task=task.get_name(), exc_info=task.exception())
 
     @property
     def pending(self) -> int:

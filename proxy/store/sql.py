@@ -712,6 +712,10 @@ class SqlStore:
 
     @_atomic
     async def expire_pending(self, now_s: float) -> int:
+        """The recovery rule for reservations no process settled (a crash): release them and
+        charge nothing, since what upstream produced died with the process, and billing the
+        worst case would bill members for the proxy's crash. The record stays, `expired`, with
+        its reservation; if the process was alive after all, its settlement still posts, once."""
         due = (
             "SELECT id, member_id, org_id, reserved_nanos, extra_reserved_nanos, month, "
             "session_started_at_s, weekly_started_at_s FROM requests "
