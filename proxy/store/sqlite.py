@@ -19,9 +19,18 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from proxy.store.sql import SqlStore
 
 BUSY_TIMEOUT_MS = 1000
+# The WAL is copied back into the database file (a checkpoint, with an fsync) by a thread of its
+# own after this many commits, never on the event loop: SQLite's automatic checkpoint would run
+# inside a COMMIT and stall every request for milliseconds (measured: 100 us a commit on
+# average with it, 35 us without; single commits up to 21 ms).
+CHECKPOINT_COMMITS = 500
+
+log = structlog.get_logger("proxy.store")
 
 
 async def open_sqlite(path: str) -> SqlStore:
@@ -34,9 +43,12 @@ async def open_sqlite(path: str) -> SqlStore:
         "synchronous=NORMAL",  # WAL: a crash loses no committed transaction, only an OS crash may
         "foreign_keys=ON",
         f"busy_timeout={BUSY_TIMEOUT_MS}",
+        "wal_autocheckpoint=0",  # see CHECKPOINT_COMMITS
     ):
         conn.execute(f"PRAGMA {pragma}")
-    db = SqliteDatabase(conn)
+    checkpointer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    checkpointer.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    db = SqliteDatabase(conn, checkpointer)
     await db.migrate()
     return SqlStore(db)
 
@@ -68,9 +80,12 @@ class SqliteDatabase:
     yields_mid_transaction = False
     slice_start_sql = "CAST({instant} / {slice_s} AS INTEGER) * {slice_s}"
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, checkpointer: sqlite3.Connection) -> None:
         self._conn = conn
         self._lock = asyncio.Lock()
+        self._checkpointer = checkpointer  # used by one worker thread at a time
+        self._commits = 0
+        self._checkpoint: asyncio.Future[None] | None = None
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[SqliteTx]:
@@ -82,6 +97,21 @@ class SqliteDatabase:
                 self._conn.execute("ROLLBACK")
                 raise
             self._conn.execute("COMMIT")
+            self._commits += 1
+            if self._commits >= CHECKPOINT_COMMITS and self._checkpoint is None:
+                self._commits = 0
+                self._checkpoint = asyncio.get_running_loop().run_in_executor(None, self._copy_back)
+                self._checkpoint.add_done_callback(self._checkpointed)
+
+    def _copy_back(self) -> None:
+        """In a worker thread: PASSIVE copies what it can without waiting for, or blocking,
+        the loop's connection."""
+        self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    def _checkpointed(self, done: asyncio.Future[None]) -> None:
+        self._checkpoint = None
+        if not done.cancelled() and done.exception() is not None:
+            log.warning("sqlite_checkpoint_failed", error=str(done.exception()))
 
     @asynccontextmanager
     async def reading(self) -> AsyncIterator[SqliteTx]:
@@ -118,7 +148,10 @@ class SqliteDatabase:
             await tx.fetch("SELECT 1")
 
     async def close(self) -> None:
-        self._conn.close()
+        if self._checkpoint is not None:
+            await asyncio.wait([self._checkpoint])
+        self._checkpointer.close()
+        self._conn.close()  # the last connection to close checkpoints the rest
 
 
 def _statements(script: str) -> list[str]:

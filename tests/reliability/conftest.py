@@ -4,14 +4,9 @@ straight from the SQLite file, and a stream client that keeps what it received."
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import signal
-import socket
 import sqlite3
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,85 +15,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from tests.conftest import ADMIN_TOKEN, UPSTREAM_KEY, ConfigFactory
-
-ROOT = Path(__file__).resolve().parent.parent.parent
-READY_LINE = "usage-proxy on "
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@dataclass
-class ProxyProcess:
-    """One `usage-proxy serve` process; its stdout and stderr lines are kept in `lines`."""
-
-    config_path: Path
-    port: int
-    process: subprocess.Popen[str] | None = None
-    lines: list[str] = field(default_factory=list)
-    exits: list[int] = field(default_factory=list)  # return codes of the runs that ended
-    _ready: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout_s: float = 30.0) -> None:
-        self._ready.clear()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "serve", "--config", str(self.config_path)],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            errors="replace",
-            env={
-                **{k: v for k, v in os.environ.items() if not k.startswith("ANTHROPIC_")},
-                "ANTHROPIC_API_KEY": UPSTREAM_KEY,
-                "USAGE_PROXY_ADMIN_TOKEN": ADMIN_TOKEN,
-                "PYTHONUNBUFFERED": "1",
-            },
-        )
-        threading.Thread(target=self._read, args=(self.process,), daemon=True).start()
-        if not self._ready.wait(timeout_s):
-            self.kill()
-            raise AssertionError("proxy did not start:\n" + "".join(self.lines))
-        assert self.process.poll() is None, "proxy exited at start:\n" + "".join(self.lines)
-
-    def _read(self, process: subprocess.Popen[str]) -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            self.lines.append(line)
-            if line.startswith(READY_LINE):
-                self._ready.set()
-        self._ready.set()  # exited: start() looks at poll()
-
-    def signal(self, signum: int) -> None:
-        assert self.process is not None
-        self.process.send_signal(signum)
-
-    async def wait(self, timeout_s: float = 60.0) -> int:
-        assert self.process is not None
-        code = await asyncio.to_thread(self.process.wait, timeout_s)
-        self.exits.append(code)
-        return code
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(10)
-
-    def log_events(self) -> list[dict]:
-        """The JSON log lines (structlog) the process printed."""
-        events = []
-        for line in self.lines:
-            if line.startswith("{"):
-                events.append(json.loads(line))
-        return events
+from tests.conftest import ROOT, ConfigFactory, ProxyProcess, free_port
 
 
 @pytest.fixture

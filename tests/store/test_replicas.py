@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import socket
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -17,7 +16,7 @@ from aiohttp.test_utils import TestServer
 
 from proxy.settings import StoreSettings
 from proxy.store import open_store
-from tests.conftest import ADMIN_TOKEN, ALICE_KEY, BOB_KEY, UPSTREAM_KEY, ConfigFactory
+from tests.conftest import ADMIN_TOKEN, ALICE_KEY, BOB_KEY, ConfigFactory, ProxyProcess, free_port
 from tests.test_extra_usage_e2e import TINY_PLANS, org
 
 ORG = org(
@@ -38,40 +37,6 @@ BODY = json.dumps(
 ).encode()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve(config_path: Path, port: int, log: Path) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "ANTHROPIC_API_KEY": UPSTREAM_KEY,
-        "USAGE_PROXY_ADMIN_TOKEN": ADMIN_TOKEN,
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "proxy", "serve", "--config", str(config_path), "--port", str(port)],
-        env=env,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-
-
-async def ready(session: aiohttp.ClientSession, url: str, process: subprocess.Popen) -> None:
-    for _ in range(300):
-        if process.poll() is not None:
-            raise AssertionError(f"replica exited with {process.returncode}")
-        try:
-            async with session.get(f"{url}/readyz") as response:
-                if response.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{url} never became ready")
-
-
 @pytest.fixture
 async def replicas(
     postgres_url: str, upstream: TestServer, tmp_path: Path
@@ -82,19 +47,17 @@ async def replicas(
     path = config.write(
         upstream_url=str(upstream.make_url("")).rstrip("/"), orgs=ORG, plans=TINY_PLANS
     )
-    ports = [free_port(), free_port()]
-    processes = [serve(path, port, tmp_path / f"replica{i}.log") for i, port in enumerate(ports)]
-    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    processes = [ProxyProcess(path, free_port()), ProxyProcess(path, free_port())]
     try:
-        async with aiohttp.ClientSession() as session:
-            for url, process in zip(urls, processes, strict=True):
-                await ready(session, url, process)
-        yield urls, path
+        await asyncio.gather(*(asyncio.to_thread(p.start) for p in processes))
+        yield [p.url for p in processes], path
+        for p in processes:
+            p.signal(signal.SIGTERM)
+        for p in processes:
+            assert await p.wait() == 0  # a clean shutdown settles what was in flight
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            assert process.wait(timeout=30) == 0  # a clean shutdown settles what was in flight
+        for p in processes:
+            p.kill()
 
 
 async def ask(session: aiohttp.ClientSession, url: str, key: str) -> int:
