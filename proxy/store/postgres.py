@@ -123,8 +123,9 @@ class PostgresTx:
     async def fetchrow(self, sql: str, params: Sequence[Any] = ()) -> Any | None:
         return await self._conn.fetchrow(self._sql(sql), *params)
 
-    async def lock_org(self, org_id: str) -> None:
+    async def lock_org(self, org_id: str) -> bool:
         await self._conn.execute("SELECT 1 FROM orgs WHERE id = $1 FOR UPDATE", org_id)
+        return True
 
     async def lock_named(self, name: str) -> None:
         await self._conn.execute(

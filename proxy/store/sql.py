@@ -1,10 +1,12 @@
 """The business steps of the Store contract in SQL, shared by SQLite and PostgreSQL.
 
-Each public method that writes is one transaction (`async with self._db.transaction()`), and
-every money step of an org first takes that org's lock (`tx.lock_org`): PostgreSQL locks the org's
-row (`SELECT ... FOR UPDATE`), SQLite holds its one write lock (BEGIN IMMEDIATE) already. Under the
-lock, each statement sees what other transactions committed, so check-and-act is never a
-read-then-write across a gap. The backends differ only in connections, placeholders and a few
+Each public method that writes is one transaction (`async with self._db.transaction()`). A step
+on a member's windows first locks the member's row; a step on the org's money (extra usage,
+balance, reloads, purchases) locks the org's row too, member before org. PostgreSQL takes row
+locks (`SELECT ... FOR UPDATE`), so members of one org spending included quota do not wait for
+each other; SQLite holds its one write lock (BEGIN IMMEDIATE) already. Under the locks, each
+statement sees what other transactions committed, so check-and-act is never a read-then-write
+across a gap. The backends differ only in connections, placeholders and a few
 SQL fragments (`Database` below); the SQL here runs on both.
 """
 
@@ -25,6 +27,7 @@ from proxy import ledger
 from proxy.alerts import Alert
 from proxy.ledger import (
     BALANCE,
+    EXTRA,
     MEMBER_MONTHLY,
     ORG_MONTHLY,
     PREPAID_PLANS,
@@ -93,8 +96,9 @@ class Tx(Protocol):
 
     async def fetchrow(self, sql: str, params: Sequence[Any] = ()) -> Any | None: ...
 
-    async def lock_org(self, org_id: str) -> None:
-        """Hold the org until the transaction ends: its money steps run one at a time."""
+    async def lock_org(self, org_id: str) -> bool:
+        """Hold the org until the transaction ends: its money steps run one at a time. True
+        when the lock was taken just now, so what the transaction read before may be stale."""
         ...
 
     async def lock_named(self, name: str) -> None:
@@ -227,7 +231,7 @@ class SqlStore:
     async def admit(self, request: AdmissionRequest, tiers: Mapping[str, Tier]) -> Admission:
         r = request
         async with self._db.transaction() as db:
-            seat = await self._seat(db, "WHERE m.id = ?", (r.member_id,), lock="o")
+            seat = await self._seat(db, "WHERE m.id = ?", (r.member_id,), lock="m")
             tier, member = tiers[seat.tier], seat.member
             stored, funds = await self._books(db, seat, r.created_at_s)
             windows = current_windows(tier, stored, r.created_at_s)
@@ -245,6 +249,9 @@ class SqlStore:
                 extra_nanos = extra_to_reserve(
                     decision, windows, amount_nanos, member, r.created_at_s
                 )
+                if extra_nanos and await db.lock_org(r.org_id):  # money: read it under the lock
+                    seat = await self._seat(db, "WHERE m.id = ?", (r.member_id,))
+                    funds = (await self._books(db, seat, r.created_at_s))[1]
                 short = short_account(list(funds.accounts), extra_nanos) if extra_nanos else None
                 if short is not None:
                     decision = Unaffordable(short, extra_nanos)
@@ -315,7 +322,7 @@ class SqlStore:
                        r.session_started_at_s, r.weekly_started_at_s, r.status, {_SEAT_COLUMNS}
                    FROM requests r JOIN members m ON m.id = r.member_id {_SEAT_JOINS}
                    WHERE r.id = ? AND r.status IN ('pending', 'expired')
-                   {self._db.for_update("r, o")}""",
+                   {self._db.for_update("r, m")}""",
                 (s.request_id,),
             )
             if row is None:
@@ -332,6 +339,8 @@ class SqlStore:
             ) = tuple(row)[:8]
             seat = _SeatRow(*tuple(row)[8:])
             member_id, org_id = seat.member_id, seat.org_id
+            if (billing == EXTRA or extra_reserved_nanos) and await db.lock_org(org_id):
+                seat = await self._seat(db, "WHERE m.id = ?", (member_id,))  # money, locked
             if status == "expired":  # a long stream outlived its reservation: post it late;
                 reserved_nanos = extra_reserved_nanos = 0  # the expiry already released them
             stored, funds_before = await self._books(
@@ -770,7 +779,7 @@ class SqlStore:
         self, member_id: int, tiers: Mapping[str, Tier], now_s: float
     ) -> MemberStatus:
         async with self._db.transaction() as db:
-            seat = await self._seat(db, "WHERE m.id = ?", (member_id,), lock="o")
+            seat = await self._seat(db, "WHERE m.id = ?", (member_id,), lock="m")
             member, (stored, funds) = seat.member, await self._books(db, seat, now_s)
             windows = current_windows(tiers[seat.tier], stored, now_s)
             if member.extra_usage_enabled:

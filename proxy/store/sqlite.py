@@ -69,8 +69,9 @@ class SqliteTx:
     async def fetchrow(self, sql: str, params: Sequence[Any] = ()) -> Any | None:
         return self._conn.execute(sql, params).fetchone()
 
-    async def lock_org(self, org_id: str) -> None:
-        """The transaction holds the database's write lock already."""
+    async def lock_org(self, org_id: str) -> bool:
+        """The transaction holds the database's write lock already: nothing read is stale."""
+        return False
 
     async def lock_named(self, name: str) -> None:
         """The transaction holds the database's write lock already."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import tomllib
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -17,8 +18,14 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from proxy.appkeys import STORE
+from proxy.auth import hash_key
 from proxy.clock import FakeClock
-from tests.conftest import ALICE_KEY
+from proxy.ledger import Admitted
+from proxy.orgfile import parse_orgs
+from proxy.settings import StoreSettings
+from proxy.store import open_store
+from tests.conftest import ALICE_KEY, BOB_KEY, DEFAULT_ORGS
+from tests.store.test_contract import NOW_S, PLANS, TIERS, asking, settling
 
 STREAM = json.dumps(
     {
@@ -150,8 +157,8 @@ async def test_an_exhausted_pool_makes_requests_wait_then_answers_a_clear_503(
     try:
         transaction = holder.transaction()
         await transaction.start()
-        await holder.execute("SELECT 1 FROM orgs WHERE id = 'acme' FOR UPDATE")
-        # the next admission waits for the org, holding the pool's only connection
+        await holder.execute("SELECT 1 FROM members WHERE email = 'alice@acme.test' FOR UPDATE")
+        # alice's next admission waits for her row, holding the pool's only connection
         blocked = asyncio.ensure_future(post(proxy))
         for _ in range(200):
             waiting = await holder.fetchval(  # sessions that wait for the holder's lock
@@ -166,6 +173,32 @@ async def test_an_exhausted_pool_makes_requests_wait_then_answers_a_clear_503(
         assert status == 503 and body["error"]["type"] == "api_error"
         assert not blocked.done()
         await transaction.rollback()
-        assert (await blocked)[0] == 200  # the waiting one goes through once the org is free
+        assert (await blocked)[0] == 200  # the waiting one goes through once the row is free
     finally:
         await holder.close()
+
+
+async def test_members_of_one_org_spend_included_quota_without_waiting_for_each_other(
+    postgres_url: str,
+) -> None:
+    """Only money steps take the org's row lock: while alice's row is held, bob is admitted and
+    settled on included quota, and alice's admission waits for her row (not the org's)."""
+    store = await open_store(StoreSettings(url=postgres_url))
+    holder = await asyncpg.connect(postgres_url)
+    try:
+        await store.apply_orgs(parse_orgs(tomllib.loads(DEFAULT_ORGS), "orgs.toml", PLANS), NOW_S)
+        bob = await store.find_seat(hash_key(BOB_KEY))
+        alice = await store.find_seat(hash_key(ALICE_KEY))
+        transaction = holder.transaction()
+        await transaction.start()
+        await holder.execute("SELECT 1 FROM members WHERE id = $1 FOR UPDATE", alice.member_id)
+        waiting = asyncio.ensure_future(store.admit(asking(alice.member_id, "a1", 1), TIERS))
+        admitted = await asyncio.wait_for(store.admit(asking(bob.member_id, "b1", 1), TIERS), 10)
+        assert isinstance(admitted.decision, Admitted)
+        assert await asyncio.wait_for(store.settle(settling("b1", 5), TIERS), 10) is not None
+        assert not waiting.done()
+        await transaction.rollback()
+        assert isinstance((await asyncio.wait_for(waiting, 10)).decision, Admitted)
+    finally:
+        await holder.close()
+        await store.close()
