@@ -15,6 +15,10 @@ from proxy.errors import Refusal
 
 RELAYED_PREFIX = "/v1/"
 METERED_PATHS = frozenset({"/v1/messages"})  # served by their own handlers, never relayed
+# Paid upstream that this proxy cannot meter (a batch's usage arrives hours later, in results it
+# never sees; legacy completions have no price here): relaying them would spend the proxy's key
+# unmetered, and "a request is never forwarded unpriced" (SPEC §3).
+UNMETERED_PAID_PREFIXES = ("/v1/messages/batches", "/v1/complete")
 # Inside a decoded segment: separators, escapes left after one decoding, path parameters,
 # control characters.
 REFUSED_CHARS = frozenset("/\\%;") | frozenset(map(chr, range(0x20))) | {"\x7f"}
@@ -37,7 +41,17 @@ def relayable(raw_path: str) -> bool:
 
 
 def check_relayable(raw_path: str) -> None:
-    """Refuse (404, never forwarded) a path that `relayable` turns down."""
+    """Refuse (never forwarded) a path that `relayable` turns down (404), or a paid one that the
+    proxy cannot meter (400)."""
+    path = raw_path.rstrip("/").lower()
+    if any(path == p or path.startswith(p + "/") for p in UNMETERED_PAID_PREFIXES):
+        raise Refusal(
+            400,
+            "invalid_request_error",
+            f"{raw_path} is not available through this proxy: it would be billed without being "
+            "metered. Send each request to POST /v1/messages instead.",
+            outcome="unmetered_path",
+        )
     if not relayable(raw_path):
         raise Refusal(
             404,

@@ -1,7 +1,8 @@
 """The shared backend: PostgreSQL through an asyncpg pool, for several proxy replicas.
 
-Every replica runs the same SQL (store/sql.py). Money steps of one org run one at a time across
-all replicas because each takes the org's row lock first (`SELECT ... FOR UPDATE`); under READ
+Every replica runs the same SQL (store/sql.py). Steps on one member's windows run one at a time
+across all replicas because each takes the member's row lock first, and money steps of one org
+likewise under the org's row lock (`SELECT ... FOR UPDATE`, member before org); under READ
 COMMITTED every later statement of that transaction then sees what the previous holder committed.
 A transaction that still loses a race (deadlock, serialization failure) runs again (sql._atomic).
 A server that is down, a connection that dies and a pool with no free connection within

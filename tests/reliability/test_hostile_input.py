@@ -178,6 +178,30 @@ async def test_path_tricks_in_the_relay_are_refused_and_never_forwarded(
 
 
 @pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/v1/messages/batches"),  # paid, its usage never passes through the proxy
+        ("GET", "/v1/messages/batches/msgbatch_01/results"),
+        ("POST", "/v1/Messages/Batches/"),
+        ("POST", "/v1/complete"),  # legacy text completions: no price here
+    ],
+)
+async def test_paid_paths_the_proxy_cannot_meter_are_refused_and_never_forwarded(
+    start_proxy, upstream, method: str, path: str
+) -> None:
+    proxy = await start_proxy()
+    async with (
+        aiohttp.ClientSession() as http,
+        http.request(method, proxy.make_url(path), json={}, headers={"x-api-key": ALICE_KEY}) as r,
+    ):
+        body = await r.json()
+        assert r.status == 400 and r.headers["x-should-retry"] == "false"
+    assert body["error"]["type"] == "invalid_request_error"
+    assert "POST /v1/messages" in body["error"]["message"]
+    assert forwarded(upstream) == 0
+
+
+@pytest.mark.parametrize(
     "path",
     ["/v1/models", "/v1/models/claude-opus-4-8", "/v1/messages/count_tokens", "/v1/files/a.b-c_d"],
 )
