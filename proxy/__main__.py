@@ -26,7 +26,13 @@ from proxy.errors import ConfigError
 from proxy.logs import configure_logging
 from proxy.mock_upstream import create_mock_app
 from proxy.orgfile import load_orgs
-from proxy.settings import Settings, StoreSettings, load_settings
+from proxy.settings import (
+    SQLITE_URL_PREFIX,
+    STORE_URL_PREFIXES,
+    Settings,
+    StoreSettings,
+    load_settings,
+)
 from proxy.store import open_store
 from proxy.store.base import StoreUnavailable
 from proxy.store.move import MoveRefused, move_store
@@ -173,10 +179,10 @@ async def _verify(settings: Settings, *, as_json: bool) -> int:
 
 
 def _store_url_problem(flag: str, url: str, *, must_exist: bool) -> str | None:
-    if not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
+    if not url.startswith(STORE_URL_PREFIXES):
         return f"{flag}: must start with sqlite:/// or postgresql://"
-    path = url.removeprefix("sqlite:///")
-    if must_exist and url.startswith("sqlite:///") and not Path(path).is_file():
+    path = url.removeprefix(SQLITE_URL_PREFIX)
+    if must_exist and url.startswith(SQLITE_URL_PREFIX) and not Path(path).is_file():
         return f"{flag}: no such file {path}"
     return None
 

@@ -954,7 +954,7 @@ class Bench:
                 "latency_ms_p50": _round(percentile(result.latency_ms, 50)),
                 "latency_ms_p99": _round(percentile(result.latency_ms, 99)),
                 "cpu_ms_per_request": _round(cpu_used_s * per_request_ms, 3),
-                # the event loop's thread; the rest is other threads (aiosqlite's, to_thread's)
+                # the event loop's thread; the rest is other threads (checkpoints, to_thread's)
                 "main_thread_cpu_ms_per_request": _round(main_used_s * per_request_ms, 3),
                 "mock_cpu_ms_per_request": _round(mock_used_s * per_request_ms, 3),
                 "load_cpu_pct": _round(

@@ -166,6 +166,11 @@ class UpstreamSettings:
     connections_max: int = 200
 
 
+SQLITE_URL_PREFIX = "sqlite:///"
+POSTGRES_URL_PREFIXES = ("postgresql://", "postgres://")
+STORE_URL_PREFIXES = (SQLITE_URL_PREFIX, *POSTGRES_URL_PREFIXES)
+
+
 @dataclass(frozen=True, slots=True)
 class StoreSettings:
     url: str = field(default="sqlite:///usage-proxy.db", repr=False)  # may hold a password
@@ -242,7 +247,7 @@ def load_settings(path: Path, env: Mapping[str, str] | None = None) -> Settings:
         settle_retry_s=st.number("settle_retry_s", 60.0, minimum=0),
         sweep_interval_s=st.number("sweep_interval_s", 30.0, minimum=0.01),
     )
-    if not store.url.startswith(("sqlite:///", "postgresql://", "postgres://")):
+    if not store.url.startswith(STORE_URL_PREFIXES):
         raise st.fail("url", "must start with sqlite:/// or postgresql://")
     st.done()
 

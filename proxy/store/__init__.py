@@ -3,18 +3,18 @@ PostgreSQL (several replicas) backends in sqlite.py and postgres.py."""
 
 from __future__ import annotations
 
-from proxy.settings import StoreSettings
+from proxy.settings import POSTGRES_URL_PREFIXES, SQLITE_URL_PREFIX, StoreSettings
 from proxy.store.base import Store
 
 
 async def open_store(settings: StoreSettings) -> Store:
     """Open (and migrate) the store that `store.url` names."""
     url = settings.url
-    if url.startswith("sqlite:///"):
+    if url.startswith(SQLITE_URL_PREFIX):
         from proxy.store.sqlite import open_sqlite
 
-        return await open_sqlite(url.removeprefix("sqlite:///"))
-    if url.startswith(("postgresql://", "postgres://")):
+        return await open_sqlite(url.removeprefix(SQLITE_URL_PREFIX))
+    if url.startswith(POSTGRES_URL_PREFIXES):
         from proxy.store.postgres import open_postgres
 
         return await open_postgres(
