@@ -44,8 +44,9 @@ from proxy.store.base import Seat
 
 SSE_CONTENT_TYPE = "text/event-stream"
 CONTINUE_HEADER = "x-extra-usage"
-# Above this body size the input estimate runs in a worker thread (~5 ms of tiktoken per 100 KB).
-THREAD_ESTIMATE_BYTES = 64 * 1024
+# When more text than this needs counting anew (~5 ms of tiktoken per 100 KB), the input
+# estimate runs in a worker thread; texts counted before cost a lookup (tokens.py).
+THREAD_ESTIMATE_CHARS = 64 * 1024
 # Above any model's output limit, and small enough that a worst case stays a 64-bit integer.
 MAX_TOKENS_MAX = 10_000_000
 
@@ -115,14 +116,12 @@ async def messages(request: web.Request) -> web.StreamResponse:
             "it cannot be metered). Use another model, or ask the proxy's operator to add it."
         )
     try:
-        if len(body) < THREAD_ESTIMATE_BYTES:
-            ex.input_tokens_estimate = app[TOKENS].request_input_tokens(call)
-        else:  # tiktoken releases the GIL: a large prompt must not stall every other request
-            ex.input_tokens_estimate = await asyncio.to_thread(
-                app[TOKENS].request_input_tokens, call
-            )
+        estimate = app[TOKENS].known_input_tokens(call, encode_chars_max=THREAD_ESTIMATE_CHARS)
+        if estimate is None:  # a large new prompt must not stall every other request
+            estimate = await asyncio.to_thread(app[TOKENS].request_input_tokens, call)
     except RecursionError:
         raise bad_request("messages: nested too deeply to be read.") from None
+    ex.input_tokens_estimate = estimate
     await app[BILLING].admit(ex, continue_requested=wants_to_continue(request))
 
     upstream = app[UPSTREAM]

@@ -3,10 +3,12 @@
 Statements run on the event loop's own thread, straight through the standard library's sqlite3:
 a statement on a local WAL file takes microseconds, far less than handing it to a worker thread
 and back (aiosqlite's way: one hop per statement; an admission and its settlement measured at
-2.35 CPU ms that way and 0.74 this way; README "Performance"). A transaction holds an asyncio lock, so no other coroutine's
-statement can interleave with it, and BEGIN IMMEDIATE takes SQLite's write lock at once: every
-write transaction runs alone, which is what `Tx.lock_org` asks for. Another process writing the
-same file (an `admin --config` run) can make a statement wait up to BUSY_TIMEOUT_MS.
+2.35 CPU ms that way and 0.74 this way; README "Performance"). A step holds an asyncio lock, so no
+other coroutine's statement can interleave with it, and BEGIN IMMEDIATE takes SQLite's write lock
+at once: every write runs alone, which is what `Tx.lock_org` asks for. The steps of one turn of
+the event loop share one transaction, each in a savepoint, committed at the end of the turn
+(group commit); a step returns only after that commit. Another process writing the same file (an
+`admin --config` run) can make a statement wait up to BUSY_TIMEOUT_MS.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 import structlog
 
+from proxy.store.base import StoreUnavailable
 from proxy.store.sql import SqlStore
 
 BUSY_TIMEOUT_MS = 1000
@@ -86,23 +89,51 @@ class SqliteDatabase:
         self._lock = asyncio.Lock()
         self._checkpointer = checkpointer  # used by one worker thread at a time
         self._commits = 0
+        self._batch: _Batch | None = None  # the open write transaction
         self._checkpoint: asyncio.Future[None] | None = None
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[SqliteTx]:
+        """A step: a savepoint in the write transaction of this turn of the event loop, which
+        commits once at the turn's end for every step that ran in it (group commit: one COMMIT,
+        each changed page written once). The step returns once that commit is done."""
         async with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
+            batch = self._batch if self._batch is not None else self._begin()
+            self._conn.execute("SAVEPOINT step")
             try:
                 yield SqliteTx(self._conn)
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                self._conn.execute("ROLLBACK TO step")
+                self._conn.execute("RELEASE step")
                 raise
+            self._conn.execute("RELEASE step")
+        await batch.committed()
+
+    def _begin(self) -> _Batch:
+        self._conn.execute("BEGIN IMMEDIATE")
+        loop = asyncio.get_running_loop()
+        self._batch = batch = _Batch(loop)
+        loop.call_soon(self._commit)
+        return batch
+
+    def _commit(self) -> None:
+        batch, self._batch = self._batch, None
+        if batch is None:
+            return  # close() committed it already
+        try:
             self._conn.execute("COMMIT")
-            self._commits += 1
-            if self._commits >= CHECKPOINT_COMMITS and self._checkpoint is None:
-                self._commits = 0
-                self._checkpoint = asyncio.get_running_loop().run_in_executor(None, self._copy_back)
-                self._checkpoint.add_done_callback(self._checkpointed)
+        except sqlite3.Error as exc:
+            log.error("sqlite_commit_failed", error=str(exc))
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            batch.end(StoreUnavailable(f"the SQLite store could not commit: {exc}"))
+            return
+        batch.end(None)
+        self._commits += 1
+        if self._commits >= CHECKPOINT_COMMITS and self._checkpoint is None:
+            self._commits = 0
+            self._checkpoint = asyncio.get_running_loop().run_in_executor(None, self._copy_back)
+            self._checkpoint.add_done_callback(self._checkpointed)
 
     def _copy_back(self) -> None:
         """In a worker thread: PASSIVE copies what it can without waiting for, or blocking,
@@ -149,10 +180,48 @@ class SqliteDatabase:
             await tx.fetch("SELECT 1")
 
     async def close(self) -> None:
+        self._commit()
         if self._checkpoint is not None:
             await asyncio.wait([self._checkpoint])
         self._checkpointer.close()
         self._conn.close()  # the last connection to close checkpoints the rest
+
+
+class _Batch:
+    """The steps of one write transaction, waiting for its COMMIT."""
+
+    __slots__ = ("_loop", "_waiters", "_ended", "_error")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._waiters: list[asyncio.Future[None]] = []
+        self._ended = False
+        self._error: StoreUnavailable | None = None
+
+    def end(self, error: StoreUnavailable | None) -> None:
+        self._ended, self._error = True, error
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def committed(self) -> None:
+        """Wait for the COMMIT. A caller cancelled meanwhile (its client left) must still learn
+        that its step is in, or an admission would stay reserved with nobody to settle it: the
+        wait goes on, the step returns, and the cancellation lands at the caller's next await."""
+        cancelled = False
+        while not self._ended:
+            waiter = self._loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter  # a cancellation cancels this waiter alone
+            except asyncio.CancelledError:
+                cancelled = True
+        if cancelled:
+            task = asyncio.current_task()
+            assert task is not None
+            task.cancel()
+        if self._error is not None:
+            raise self._error
 
 
 def _statements(script: str) -> list[str]:

@@ -1,0 +1,89 @@
+"""The SQLite backend's group commit: the steps of one event-loop turn share one COMMIT."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from proxy.settings import StoreSettings
+from proxy.store import open_store
+
+
+async def open_db(tmp_path: Path):
+    store = await open_store(StoreSettings(url=f"sqlite:///{tmp_path / 'group.db'}"))
+    db = store.database
+    async with db.transaction() as tx:
+        await tx.execute("CREATE TABLE notes (n INTEGER PRIMARY KEY)")
+    return store, db
+
+
+def committed_notes(tmp_path: Path) -> list[int]:
+    """What another connection sees: only committed rows."""
+    with sqlite3.connect(tmp_path / "group.db") as other:
+        return [row[0] for row in other.execute("SELECT n FROM notes ORDER BY n")]
+
+
+async def test_steps_of_one_turn_share_a_commit_and_return_once_it_is_done(tmp_path):
+    store, db = await open_db(tmp_path)
+    commits = []
+
+    async def step(n: int) -> None:
+        async with db.transaction() as tx:
+            await tx.execute("INSERT INTO notes (n) VALUES (?)", (n,))
+        commits.append(committed_notes(tmp_path))  # durable when the step returns
+
+    await asyncio.gather(*(step(n) for n in range(10)))
+    assert commits == [list(range(10))] * 10  # one commit held all ten
+    await store.close()
+
+
+async def test_a_failed_step_rolls_back_alone(tmp_path):
+    store, db = await open_db(tmp_path)
+
+    async def step(n: int) -> None:
+        async with db.transaction() as tx:
+            await tx.execute("INSERT INTO notes (n) VALUES (?)", (n,))
+            if n == 1:
+                raise ValueError("this step fails")
+
+    results = await asyncio.gather(*(step(n) for n in range(3)), return_exceptions=True)
+    assert [type(r).__name__ for r in results] == ["NoneType", "ValueError", "NoneType"]
+    assert committed_notes(tmp_path) == [0, 2]
+    await store.close()
+
+
+async def test_a_caller_cancelled_before_the_commit_still_learns_its_step_is_in(tmp_path):
+    store, db = await open_db(tmp_path)
+    learned = []
+
+    async def admit() -> None:
+        async with db.transaction() as tx:
+            await tx.execute("INSERT INTO notes (n) VALUES (1)")
+        learned.append("in")  # the step returned: the caller can settle what it reserved
+        await asyncio.sleep(0)  # the cancellation lands here
+
+    task = asyncio.create_task(admit())
+    await asyncio.sleep(0)  # the step ran; its commit is due at the end of this turn
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert learned == ["in"]
+    assert committed_notes(tmp_path) == [1]
+    await store.close()
+
+
+async def test_close_commits_an_open_batch(tmp_path):
+    store, db = await open_db(tmp_path)
+
+    async def step() -> None:
+        async with db.transaction() as tx:
+            await tx.execute("INSERT INTO notes (n) VALUES (7)")
+
+    task = asyncio.create_task(step())
+    await asyncio.sleep(0)  # the step ran; its commit is due at the end of this turn
+    await store.close()  # before that: close commits it
+    await task
+    assert committed_notes(tmp_path) == [7]
