@@ -131,7 +131,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
         try:
             return await _relay_stream(request, ex, path_qs, headers, body)
         finally:
-            app[TASKS].spawn(app[BILLING].settle(ex), name=f"settle {ex.request_id}")
+            _spawn_settle(app, ex)
     # Not streaming: the upstream call runs to its end even when the client leaves, so the
     # charge is always the API's own count of what it produced.
     task = app[TASKS].spawn(
@@ -139,11 +139,24 @@ async def messages(request: web.Request) -> web.StreamResponse:
     )
     try:
         status, response_headers, payload = await asyncio.shield(task)
+        response = web.Response(status=status, headers=response_headers, body=payload)
+        await response.prepare(request)
+        await response.write_eof()  # the answer is out before its settlement runs
+        return response
     except asyncio.CancelledError:
-        ex.outcome = "client_disconnected"
-        task.add_done_callback(lambda _: app[METRICS].observe_charge(ex))  # charged when it ends
+        if not task.done():
+            ex.outcome = "client_disconnected"
+            task.add_done_callback(lambda _: app[METRICS].observe_charge(ex))  # charged then
         raise
-    return web.Response(status=status, headers=response_headers, body=payload)
+    finally:  # once the forward has ended, whatever became of the client
+        if task.done():
+            _spawn_settle(app, ex)
+        else:
+            task.add_done_callback(lambda _: _spawn_settle(app, ex))
+
+
+def _spawn_settle(app: web.Application, ex: Exchange) -> None:
+    app[TASKS].spawn(app[BILLING].settle(ex), name=f"settle {ex.request_id}")
 
 
 def wants_to_continue(request: web.Request) -> bool:
@@ -263,7 +276,8 @@ def parse_messages_call(body: bytes) -> dict[str, Any]:
 async def _forward_whole(
     app: web.Application, ex: Exchange, path_qs: str, headers: CIMultiDict[str], body: bytes
 ) -> tuple[int, CIMultiDict[str], bytes]:
-    """Forward, read the whole answer, charge it and settle; runs apart from the client."""
+    """Forward, read the whole answer and charge it; runs apart from the client (its caller
+    settles once it has ended)."""
     upstream = app[UPSTREAM]
     try:
         ex.forwarded_s = started_s = time.perf_counter()
@@ -290,8 +304,6 @@ async def _forward_whole(
     except Refusal as refusal:
         ex.outcome = refusal.outcome
         raise
-    finally:  # once the answer is known, never in its way
-        app[TASKS].spawn(app[BILLING].settle(ex), name=f"settle {ex.request_id}")
 
 
 async def _relay_stream(

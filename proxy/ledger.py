@@ -259,7 +259,8 @@ def reload_due(balance_before_nanos: int, balance_after_nanos: int, threshold_na
 
 def month_of(at_s: float, timezone: str) -> str:
     """The calendar month (YYYY-MM) of an instant in the org's time zone."""
-    return datetime.fromtimestamp(at_s, ZoneInfo(timezone)).strftime("%Y-%m")
+    local = datetime.fromtimestamp(at_s, ZoneInfo(timezone))
+    return f"{local.year:04d}-{local.month:02d}"
 
 
 def month_end_s(month: str, timezone: str) -> float:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 
 import structlog
@@ -31,7 +31,7 @@ HTTP_ERROR_TYPES = {
 
 @web.middleware
 async def exchange_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    ex = Exchange(request_id=f"req_proxy_{uuid.uuid4().hex}", started_s=time.perf_counter())
+    ex = Exchange(request_id=f"req_proxy_{os.urandom(16).hex()}", started_s=time.perf_counter())
     request[EXCHANGE] = ex
     structlog.contextvars.bind_contextvars(request_id=ex.request_id)
     status = 500

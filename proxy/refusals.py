@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
@@ -28,7 +29,7 @@ CLAIMS = {SESSION: "five_hour", "weekly": "seven_day"}
 
 
 def rfc3339(at_s: float) -> str:
-    return datetime.fromtimestamp(at_s, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at_s))
 
 
 def reset_phrase(at_s: float, timezone: str) -> str:

@@ -36,6 +36,11 @@ class Tasks:
         return len(self._running)
 
     async def drain(self, timeout_s: float = 30.0) -> None:
-        """Wait for every running task (settlements must land before the store closes)."""
-        if self._running:
-            await asyncio.wait(set(self._running), timeout=timeout_s)
+        """Wait for every running task, and for those they start meanwhile (a forward that
+        ends starts its settlement, which must land before the store closes)."""
+        deadline_s = asyncio.get_running_loop().time() + timeout_s
+        while self._running:
+            left_s = deadline_s - asyncio.get_running_loop().time()
+            if left_s <= 0:
+                return
+            await asyncio.wait(set(self._running), timeout=left_s)

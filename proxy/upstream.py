@@ -27,8 +27,10 @@ HOP_BY_HOP = frozenset(
         "content-length",
     }
 )
-# The member's key, and the proxy's own request header (SPEC §7), never go upstream.
-MEMBER_ONLY = frozenset({"x-api-key", "authorization", "x-extra-usage"})
+# The member's key, and the proxy's own request header (SPEC §7), never go upstream; nor does
+# accept-encoding (the client session asks for what it can undo).
+NOT_FORWARDED = HOP_BY_HOP | {"x-api-key", "authorization", "x-extra-usage", "accept-encoding"}
+NOT_RETURNED = HOP_BY_HOP | {"content-encoding"}  # the client session undid the encoding
 RATELIMIT_PREFIX = "anthropic-ratelimit-"
 
 
@@ -58,11 +60,7 @@ class Upstream:
     def request_headers(self, incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
         """The client's headers as sent, less hop-by-hop ones and the member's credentials."""
         headers = CIMultiDict(
-            (name, value)
-            for name, value in incoming.items()
-            if name.lower() not in HOP_BY_HOP
-            and name.lower() not in MEMBER_ONLY
-            and name.lower() != "accept-encoding"
+            (name, value) for name, value in incoming.items() if name.lower() not in NOT_FORWARDED
         )
         headers["x-api-key"] = self._settings.api_key
         return headers
@@ -74,9 +72,8 @@ class Upstream:
         return CIMultiDict(
             (name, value)
             for name, value in incoming.items()
-            if name.lower() not in HOP_BY_HOP
-            and name.lower() != "content-encoding"
-            and (keep_ratelimit or not name.lower().startswith(RATELIMIT_PREFIX))
+            if (lower := name.lower()) not in NOT_RETURNED
+            and (keep_ratelimit or not lower.startswith(RATELIMIT_PREFIX))
         )
 
     @asynccontextmanager

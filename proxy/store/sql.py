@@ -111,7 +111,8 @@ class Database(Protocol):
 
     # True when a transaction's statements await the network (PostgreSQL): a caller cancelled
     # there must not leave it half-run, so steps are shielded. SQLite's statements run on the
-    # loop's thread without yielding: between BEGIN and COMMIT nothing can cancel them.
+    # loop's thread without yielding: nothing can cancel a step half-way (and its wait for the
+    # group commit delivers a cancellation only after it returned, sqlite.py).
     yields_mid_transaction: bool
 
     # SQL for the start of the slice of `slice_s` seconds that an instant falls in, with the
