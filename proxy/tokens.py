@@ -63,9 +63,9 @@ class TokenCounter:
                 counted_tokens += known
             else:
                 todo.append(part)
-        if encode_chars_max is not None:
-            if sum(map(len, todo)) + sum(map(len, short)) > encode_chars_max:
-                return None
+        new_chars = sum(map(len, todo)) + sum(map(len, short))
+        if encode_chars_max is not None and new_chars > encode_chars_max:
+            return None
         if len(self._counts) + len(todo) > CACHE_ENTRIES_MAX:
             self._counts.clear()
         for part in todo:

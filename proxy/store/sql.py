@@ -185,10 +185,28 @@ class _SeatRow:
         return MemberState(bool(self.extra_usage_enabled), self.consent, self.consent_until_s)
 
 
+async def to_its_end(step: Awaitable[R]) -> R:
+    """Await a store step that must not stop half-way. A caller cancelled meanwhile (its client
+    left) still gets the step's answer, since an admission that went in must be settled, and the
+    cancellation lands at the caller's next await."""
+    task = asyncio.ensure_future(step)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.wait([task])  # never cancels the step itself
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        caller = asyncio.current_task()
+        assert caller is not None
+        caller.cancel()
+    return task.result()
+
+
 def _atomic(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     """Run a transaction to its end even when the caller is cancelled (a client that goes away
-    cancels its handler: a half-run transaction must not stay open on a shared connection),
-    and run it again when the backend says it lost a race (serialization failure, deadlock)."""
+    cancels its handler: a half-run transaction must not stay open on a shared connection, and
+    the caller must learn what it did: `to_its_end`), and run it again when the backend says it lost a race (serialization failure, deadlock)."""
 
     @functools.wraps(method)
     async def run(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -197,7 +215,7 @@ def _atomic(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
             return await method(*args, **kwargs)  # no task to shield it in: nothing to cancel
         for attempt in range(1, RETRIES_MAX + 1):
             try:
-                return await asyncio.shield(method(*args, **kwargs))
+                return await to_its_end(method(*args, **kwargs))
             except Exception as exc:
                 if attempt == RETRIES_MAX or not store._db.retryable(exc):
                     raise

@@ -24,7 +24,7 @@ from typing import Any
 import structlog
 
 from proxy.store.base import StoreUnavailable
-from proxy.store.sql import SqlStore
+from proxy.store.sql import SqlStore, to_its_end
 
 BUSY_TIMEOUT_MS = 1000
 # The WAL is copied back into the database file (a checkpoint, with an fsync) by a thread of its
@@ -89,7 +89,7 @@ class SqliteDatabase:
         self._lock = asyncio.Lock()
         self._checkpointer = checkpointer  # used by one worker thread at a time
         self._commits = 0
-        self._batch: _Batch | None = None  # the open write transaction
+        self._batch: asyncio.Future[None] | None = None  # the open write transaction's COMMIT
         self._checkpoint: asyncio.Future[None] | None = None
 
     @asynccontextmanager
@@ -107,12 +107,12 @@ class SqliteDatabase:
                 self._conn.execute("RELEASE step")
                 raise
             self._conn.execute("RELEASE step")
-        await batch.committed()
+        await to_its_end(batch)
 
-    def _begin(self) -> _Batch:
+    def _begin(self) -> asyncio.Future[None]:
         self._conn.execute("BEGIN IMMEDIATE")
         loop = asyncio.get_running_loop()
-        self._batch = batch = _Batch(loop)
+        self._batch = batch = loop.create_future()
         loop.call_soon(self._commit)
         return batch
 
@@ -126,9 +126,9 @@ class SqliteDatabase:
             log.error("sqlite_commit_failed", error=str(exc))
             if self._conn.in_transaction:
                 self._conn.execute("ROLLBACK")
-            batch.end(StoreUnavailable(f"the SQLite store could not commit: {exc}"))
+            batch.set_exception(StoreUnavailable(f"the SQLite store could not commit: {exc}"))
             return
-        batch.end(None)
+        batch.set_result(None)
         self._commits += 1
         if self._commits >= CHECKPOINT_COMMITS and self._checkpoint is None:
             self._commits = 0
@@ -185,43 +185,6 @@ class SqliteDatabase:
             await asyncio.wait([self._checkpoint])
         self._checkpointer.close()
         self._conn.close()  # the last connection to close checkpoints the rest
-
-
-class _Batch:
-    """The steps of one write transaction, waiting for its COMMIT."""
-
-    __slots__ = ("_loop", "_waiters", "_ended", "_error")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._waiters: list[asyncio.Future[None]] = []
-        self._ended = False
-        self._error: StoreUnavailable | None = None
-
-    def end(self, error: StoreUnavailable | None) -> None:
-        self._ended, self._error = True, error
-        for waiter in self._waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-
-    async def committed(self) -> None:
-        """Wait for the COMMIT. A caller cancelled meanwhile (its client left) must still learn
-        that its step is in, or an admission would stay reserved with nobody to settle it: the
-        wait goes on, the step returns, and the cancellation lands at the caller's next await."""
-        cancelled = False
-        while not self._ended:
-            waiter = self._loop.create_future()
-            self._waiters.append(waiter)
-            try:
-                await waiter  # a cancellation cancels this waiter alone
-            except asyncio.CancelledError:
-                cancelled = True
-        if cancelled:
-            task = asyncio.current_task()
-            assert task is not None
-            task.cancel()
-        if self._error is not None:
-            raise self._error
 
 
 def _statements(script: str) -> list[str]:

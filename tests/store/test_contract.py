@@ -262,3 +262,31 @@ async def test_a_caller_cancelled_mid_transaction_leaves_the_store_usable(store:
     admission = await store.admit(asking(member_id, "after", 1), TIERS)
     assert isinstance(admission.decision, Admitted)
     assert await store.settle(settling("after", 1), TIERS) is not None
+
+
+async def test_a_caller_cancelled_during_its_admission_still_learns_it_went_in(
+    store: Store,
+) -> None:
+    """The handler of a client that left must still settle what its admission reserved: the
+    step returns, and the cancellation lands at the caller's next await."""
+    member_id = await alice(store)
+    for n, delay_s in enumerate((0, 0.0001, 0.0005, 0.001, 0.002)):
+        learned: list[str] = []
+
+        async def handler(request_id: str, learned: list[str]) -> None:
+            admission = await store.admit(asking(member_id, request_id, 1), TIERS)
+            learned.append(type(admission.decision).__name__)
+            await asyncio.sleep(1)  # the cancellation lands here
+
+        task = asyncio.ensure_future(handler(f"k{n}", learned))
+        await asyncio.sleep(delay_s)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        record = await store.get_request(f"k{n}")
+        if record is None:  # cancelled before its step began: nothing went in
+            assert learned == []
+        else:  # it went in: the handler knew, and would settle it
+            assert (learned, record.status) == (["Admitted"], "pending")
+            assert await store.settle(settling(f"k{n}", 1), TIERS) is not None
+    status = await store.member_status(member_id, TIERS, NOW_S + 2)
+    assert status.windows.by_kind["session"].reserved_nanos == 0

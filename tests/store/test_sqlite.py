@@ -10,6 +10,7 @@ import pytest
 
 from proxy.settings import StoreSettings
 from proxy.store import open_store
+from proxy.tasks import Tasks
 
 
 async def open_db(tmp_path: Path):
@@ -65,7 +66,7 @@ async def test_a_caller_cancelled_before_the_commit_still_learns_its_step_is_in(
         learned.append("in")  # the step returned: the caller can settle what it reserved
         await asyncio.sleep(0)  # the cancellation lands here
 
-    task = asyncio.create_task(admit())
+    task = Tasks().spawn(admit(), name="admit")
     await asyncio.sleep(0)  # the step ran; its commit is due at the end of this turn
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -82,7 +83,7 @@ async def test_close_commits_an_open_batch(tmp_path):
         async with db.transaction() as tx:
             await tx.execute("INSERT INTO notes (n) VALUES (7)")
 
-    task = asyncio.create_task(step())
+    task = Tasks().spawn(step(), name="step")
     await asyncio.sleep(0)  # the step ran; its commit is due at the end of this turn
     await store.close()  # before that: close commits it
     await task
