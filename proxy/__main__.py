@@ -79,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         member = commands.add_parser(name, help=text)
         member.add_argument(
             "--key",
-            default=os.environ.get("ANTHROPIC_API_KEY"),
-            help="your usage-proxy key (default: $ANTHROPIC_API_KEY)",
+            default=os.environ.get("ANTHROPIC_API_KEY") or os.environ.get("ANTHROPIC_AUTH_TOKEN"),
+            help="your usage-proxy key (default: $ANTHROPIC_API_KEY, else $ANTHROPIC_AUTH_TOKEN, "
+            "as Claude Code reads them)",
         )
         member.add_argument(
             "--url",
@@ -224,7 +225,10 @@ async def _migrate_store(source_url: str, target_url: str, *, as_json: bool) -> 
 def _member_call(args: argparse.Namespace, method: str, path: str) -> int:
     """A member's own call to the proxy with their key; print the answer for a person."""
     if not args.key:
-        print("usage-proxy: --key is required (or set ANTHROPIC_API_KEY)", file=sys.stderr)
+        print(
+            "usage-proxy: --key is required (or set ANTHROPIC_API_KEY or ANTHROPIC_AUTH_TOKEN)",
+            file=sys.stderr,
+        )
         return 2
     request = urllib.request.Request(
         args.url.rstrip("/") + path,

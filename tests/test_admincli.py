@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 
 import anthropic
 
-from tests.conftest import ADMIN_TOKEN, ConfigFactory
+from tests.conftest import ADMIN_TOKEN, ALICE_KEY, ConfigFactory
 from tests.test_e2e_sdk import PROMPT
 
 
@@ -74,3 +75,20 @@ async def test_against_a_running_proxy_with_the_operator_token(proxy) -> None:
         admin, "org", "show", "acme", "--url", url, "--token", "sk-wrong-0000000000000000000"
     )
     assert denied.returncode == 1 and "not valid" in denied.stdout
+
+
+async def test_member_commands_take_the_key_claude_code_uses(proxy) -> None:
+    """`usage-proxy usage` / `continue` read $ANTHROPIC_AUTH_TOKEN when $ANTHROPIC_API_KEY is
+    unset, as Claude Code does in interactive mode."""
+    url = str(proxy.make_url("")).rstrip("/")
+    env = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
+    shown = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "proxy", "usage", "--url", url],
+        env={**env, "ANTHROPIC_AUTH_TOKEN": ALICE_KEY},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert "alice@acme.test" in shown.stdout
