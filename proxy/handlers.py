@@ -140,8 +140,11 @@ async def messages(request: web.Request) -> web.StreamResponse:
     try:
         status, response_headers, payload = await asyncio.shield(task)
         response = web.Response(status=status, headers=response_headers, body=payload)
-        await response.prepare(request)
-        await response.write_eof()  # the answer is out before its settlement runs
+        try:
+            await response.prepare(request)
+            await response.write_eof()  # the answer is out before its settlement runs
+        except ConnectionResetError:
+            ex.outcome = "client_disconnected"
         return response
     except asyncio.CancelledError:
         if not task.done():

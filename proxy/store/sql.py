@@ -110,7 +110,7 @@ class Database(Protocol):
     """A backend: connections, transactions and the SQL fragments that differ."""
 
     # True when a transaction's statements await the network (PostgreSQL): a caller cancelled
-    # there must not leave it half-run, so steps are shielded. SQLite's statements run on the
+    # there must not leave it half-run, so steps run `to_its_end`. SQLite's statements run on the
     # loop's thread without yielding: nothing can cancel a step half-way (and its wait for the
     # group commit delivers a cancellation only after it returned, sqlite.py).
     yields_mid_transaction: bool
@@ -206,7 +206,8 @@ async def to_its_end(step: Awaitable[R]) -> R:
 def _atomic(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     """Run a transaction to its end even when the caller is cancelled (a client that goes away
     cancels its handler: a half-run transaction must not stay open on a shared connection, and
-    the caller must learn what it did: `to_its_end`), and run it again when the backend says it lost a race (serialization failure, deadlock)."""
+    the caller must learn what it did: `to_its_end`), and run it again when the backend says it
+    lost a race (serialization failure, deadlock)."""
 
     @functools.wraps(method)
     async def run(*args: P.args, **kwargs: P.kwargs) -> R:

@@ -14,6 +14,7 @@ the event loop share one transaction, each in a savepoint, committed at the end 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -124,7 +125,7 @@ class SqliteDatabase:
             self._conn.execute("COMMIT")
         except sqlite3.Error as exc:
             log.error("sqlite_commit_failed", error=str(exc))
-            if self._conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):  # SQLite may have rolled back already
                 self._conn.execute("ROLLBACK")
             batch.set_exception(StoreUnavailable(f"the SQLite store could not commit: {exc}"))
             return

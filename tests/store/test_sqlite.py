@@ -88,3 +88,26 @@ async def test_close_commits_an_open_batch(tmp_path):
     await store.close()  # before that: close commits it
     await task
     assert committed_notes(tmp_path) == [7]
+
+
+async def test_a_failed_commit_fails_every_step_of_its_turn_and_keeps_nothing(tmp_path):
+    store, db = await open_db(tmp_path)
+    async with db.transaction() as tx:  # a constraint SQLite checks only at COMMIT
+        await tx.execute(
+            "CREATE TABLE refs (n INTEGER REFERENCES notes (n) DEFERRABLE INITIALLY DEFERRED)"
+        )
+
+    async def step(sql: str) -> None:
+        async with db.transaction() as tx:
+            await tx.execute(sql)
+
+    results = await asyncio.gather(
+        step("INSERT INTO notes (n) VALUES (1)"),
+        step("INSERT INTO refs (n) VALUES (99)"),  # no note 99: the COMMIT fails
+        return_exceptions=True,
+    )
+    assert [type(r).__name__ for r in results] == ["StoreUnavailable"] * 2
+    assert committed_notes(tmp_path) == []
+    await step("INSERT INTO notes (n) VALUES (2)")  # the store goes on
+    assert committed_notes(tmp_path) == [2]
+    await store.close()
