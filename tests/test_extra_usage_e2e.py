@@ -206,6 +206,7 @@ credits_usd = 1
         ),
     )
     await ask(proxy)
+    await quiet(proxy)  # its charge (after the answer) has crossed the session
     answer = await ask(proxy)
     assert answer.headers["x-usage-billing"] == "extra"
     assert answer.headers["x-usage-extra-remaining"] == "1"  # the balance is what limits it
@@ -289,7 +290,8 @@ auto_reload = { threshold_usd = 0.02, amount_usd = 0.05 }
         ),
     )
     await ask(proxy)
-    await ask(proxy, BOB_KEY)  # both sessions crossed: what follows is extra usage
+    await ask(proxy, BOB_KEY)
+    await quiet(proxy)  # both sessions crossed: what follows is extra usage
     answers = await asyncio.gather(
         *(
             ask(proxy, key, **{"x-mock-delay-ms": "20"})
@@ -409,6 +411,7 @@ credits_usd = 1
     }
     assert before["weekly"] is None
     await ask(proxy)
+    await quiet(proxy)
     await ask(proxy)  # on extra usage (consent "always")
     await settled(proxy, 1)
     after = await usage()

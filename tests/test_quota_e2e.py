@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestServer
 from structlog.testing import capture_logs
 from yarl import URL
 
-from tests.conftest import ALICE_KEY, BOB_KEY, DEFAULT_ORGS, settled
+from tests.conftest import ALICE_KEY, BOB_KEY, DEFAULT_ORGS, quiet, settled
 from tests.test_e2e_sdk import PROMPT, sdk
 
 pytestmark = pytest.mark.both_stores  # every test here on both stores
@@ -38,12 +38,15 @@ async def small(start_proxy) -> TestServer:
 
 
 async def spend(proxy: TestServer, key: str = ALICE_KEY, times: int = 1, **headers: str):
-    """Make `times` scripted requests through the SDK; return the last raw response."""
+    """Make `times` scripted requests through the SDK, one after another as a member would,
+    each settled before the next (settlement runs just after the answer); return the last raw
+    response."""
     raw = None
     for _ in range(times):
         raw = await sdk(proxy, key, **COST, **headers).messages.with_raw_response.create(
             model="claude-sonnet-4-5", max_tokens=200, messages=PROMPT
         )
+        await quiet(proxy)
     return raw
 
 
