@@ -100,6 +100,7 @@ auto_reload = { threshold_usd = 0.01, amount_usd = 0.02 }
     )
     # bob was not selected for extra usage: his window's refusal says to ask an owner
     await ask(proxy, BOB_KEY)
+    await quiet(proxy)
     refusal = await ask(proxy, BOB_KEY)
     assert refusal.response.json()["error"]["details"]["extra_usage"] == "disabled"
 
@@ -258,6 +259,7 @@ credits_usd = 0.01
         ),
     )
     await ask(proxy)  # crosses the included session
+    await quiet(proxy)
     forwarded = upstream.app[MOCK_STATE_KEY].messages_total
     client = sdk(proxy, ALICE_KEY)
     with pytest.raises(anthropic.RateLimitError) as caught:
@@ -435,6 +437,7 @@ async def test_usage_cli_prints_a_readable_summary(start_proxy):
         plans=TINY_PLANS, orgs=org("team", 'extra_usage = "all"\ncredits_usd = 1')
     )
     await ask(proxy)
+    await quiet(proxy)
     url = str(proxy.make_url("")).rstrip("/")
     result = await asyncio.to_thread(
         subprocess.run,

@@ -258,6 +258,7 @@ async def test_concurrent_requests_with_any_remaining_overshoot_at_most_what_was
     headers = {**COST, "x-mock-delay-ms": "500"}  # longer than 5 admissions on a busy machine
     first_wave = await asyncio.gather(*(attempt(small, headers) for _ in range(5)))
     assert first_wave == [200] * 5  # all in flight before any settled
+    await quiet(small)
     assert await attempt(small, headers) == 429  # the next one sees the window exhausted
     records = await settled(small, 6)
     assert sum(r.overrun_nanos for r in records) == 6 * COST_NANOS - 10_000_000
