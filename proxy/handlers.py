@@ -149,17 +149,21 @@ async def messages(request: web.Request) -> web.StreamResponse:
     except asyncio.CancelledError:
         if not task.done():
             ex.outcome = "client_disconnected"
-            task.add_done_callback(lambda _: app[METRICS].observe_charge(ex))  # charged then
         raise
     finally:  # once the forward has ended, whatever became of the client
         if task.done():
             _spawn_settle(app, ex)
-        else:
-            task.add_done_callback(lambda _: _spawn_settle(app, ex))
+        else:  # the client left first: counted and settled when the forward ends
+            task.add_done_callback(lambda _: _charged_late(app, ex))
 
 
 def _spawn_settle(app: web.Application, ex: Exchange) -> None:
     app[TASKS].spawn(app[BILLING].settle(ex), name=f"settle {ex.request_id}")
+
+
+def _charged_late(app: web.Application, ex: Exchange) -> None:
+    app[METRICS].observe_charge(ex)  # the request's log line and metrics went before its cost
+    _spawn_settle(app, ex)
 
 
 def wants_to_continue(request: web.Request) -> bool:
