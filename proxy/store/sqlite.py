@@ -33,6 +33,8 @@ BUSY_TIMEOUT_MS = 1000
 # inside a COMMIT and stall every request for milliseconds (measured: 100 us a commit on
 # average with it, 35 us without; single commits up to 21 ms).
 CHECKPOINT_COMMITS = 500
+# After the WAL starts over, its file is cut back to this size (else it keeps its largest size).
+WAL_SIZE_MAX_BYTES = 64 * 1024 * 1024
 
 log = structlog.get_logger("proxy.store")
 
@@ -48,6 +50,7 @@ async def open_sqlite(path: str) -> SqlStore:
         "foreign_keys=ON",
         f"busy_timeout={BUSY_TIMEOUT_MS}",
         "wal_autocheckpoint=0",  # see CHECKPOINT_COMMITS
+        f"journal_size_limit={WAL_SIZE_MAX_BYTES}",
     ):
         conn.execute(f"PRAGMA {pragma}")
     checkpointer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -92,6 +95,8 @@ class SqliteDatabase:
         self._commits = 0
         self._batch: asyncio.Future[None] | None = None  # the open write transaction's COMMIT
         self._checkpoint: asyncio.Future[None] | None = None
+        self._finish_wanted = False  # frames were committed while the checkpoint ran
+        self._writes_held = False  # the checkpoint running is the finishing one
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[SqliteTx]:
@@ -99,6 +104,9 @@ class SqliteDatabase:
         commits once at the turn's end for every step that ran in it (group commit: one COMMIT,
         each changed page written once). The step returns once that commit is done."""
         async with self._lock:
+            if self._batch is None and self._writes_held:
+                assert self._checkpoint is not None
+                await asyncio.wait([self._checkpoint])
             batch = self._batch if self._batch is not None else self._begin()
             self._conn.execute("SAVEPOINT step")
             try:
@@ -131,10 +139,15 @@ class SqliteDatabase:
             return
         batch.set_result(None)
         self._commits += 1
-        if self._commits >= CHECKPOINT_COMMITS and self._checkpoint is None:
+        if self._finish_wanted:
+            self._finish_checkpoint()
+        elif self._commits >= CHECKPOINT_COMMITS and self._checkpoint is None:
             self._commits = 0
-            self._checkpoint = asyncio.get_running_loop().run_in_executor(None, self._copy_back)
-            self._checkpoint.add_done_callback(self._checkpointed)
+            self._start_checkpoint()
+
+    def _start_checkpoint(self) -> None:
+        self._checkpoint = asyncio.get_running_loop().run_in_executor(None, self._copy_back)
+        self._checkpoint.add_done_callback(self._checkpointed)
 
     def _copy_back(self) -> None:
         """In a worker thread: PASSIVE copies what it can without waiting for, or blocking,
@@ -143,8 +156,27 @@ class SqliteDatabase:
 
     def _checkpointed(self, done: asyncio.Future[None]) -> None:
         self._checkpoint = None
-        if not done.cancelled() and done.exception() is not None:
+        finishing, self._writes_held = self._writes_held, False
+        if done.cancelled() or done.exception() is not None:
             log.warning("sqlite_checkpoint_failed", error=str(done.exception()))
+            return
+        if finishing or not self._commits:
+            return  # it copied every frame: the next write starts the WAL over
+        # The loop committed while it ran, so the WAL cannot start over: under steady load it
+        # would grow without end (15 KB a request was measured). Copy the rest, writes held.
+        if self._batch is None:
+            self._finish_checkpoint()
+        else:
+            self._finish_wanted = True  # right after the open transaction commits
+
+    def _finish_checkpoint(self) -> None:
+        """Copy the frames committed since the last checkpoint began, while no write runs
+        (`transaction` waits): only a checkpoint that copies every frame lets the next write
+        start the WAL over. These are few; holding writes costs them a copy of a few pages and
+        two fsyncs, once every CHECKPOINT_COMMITS commits, and the loop itself runs on."""
+        self._finish_wanted = False
+        self._writes_held = True
+        self._start_checkpoint()
 
     @asynccontextmanager
     async def reading(self) -> AsyncIterator[SqliteTx]:
@@ -182,7 +214,7 @@ class SqliteDatabase:
 
     async def close(self) -> None:
         self._commit()
-        if self._checkpoint is not None:
+        while self._checkpoint is not None:  # a checkpoint's end may start its finishing one
             await asyncio.wait([self._checkpoint])
         self._checkpointer.close()
         self._conn.close()  # the last connection to close checkpoints the rest
