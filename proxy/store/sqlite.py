@@ -7,8 +7,9 @@ and back (aiosqlite's way: one hop per statement; an admission and its settlemen
 other coroutine's statement can interleave with it, and BEGIN IMMEDIATE takes SQLite's write lock
 at once: every write runs alone, which is what `Tx.lock_org` asks for. The steps of one turn of
 the event loop share one transaction, each in a savepoint, committed at the end of the turn
-(group commit); a step returns only after that commit. Another process writing the same file (an
-`admin --config` run) can make a statement wait up to BUSY_TIMEOUT_MS.
+(group commit); a step returns only after that commit. Checkpoints run in a worker thread, each
+followed by a short one with writes held so that the WAL can start over. Another process writing
+the same file (an `admin --config` run) can make a statement wait up to BUSY_TIMEOUT_MS.
 """
 
 from __future__ import annotations
