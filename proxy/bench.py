@@ -37,7 +37,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from multiprocessing.connection import Connection
@@ -104,6 +104,7 @@ DEFAULTS = MappingProxyType(  # option: (full run, quick run)
         "open_streams": (1000, 50),
         "hold_s": (20.0, 3.0),
         "warmup_requests": (200, 20),
+        "rounds": (5, 2),
     }
 )
 
@@ -169,6 +170,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="requests to each target before measuring, not counted (default 200; quick 20)",
     )
     bench.add_argument(
+        "--rounds",
+        type=_positive_int,
+        help="the non-streaming and concurrency-1 runs are split into this many rounds, the "
+        "targets taking turns in each (in a rotating order), so that a machine whose speed "
+        "drifts slows each alike (default 5; quick 2)",
+    )
+    bench.add_argument(
         "--store",
         help="the proxy's store.url (default: a fresh SQLite file in the run's temporary "
         "folder, where a relative sqlite:/// path also goes); e.g. "
@@ -232,6 +240,7 @@ class BenchOptions:
     hold_s: float
     leak_requests: int
     warmup_requests: int
+    rounds: int
     store_url: str | None
     pricing: Path
     quick: bool
@@ -259,6 +268,7 @@ class BenchOptions:
             hold_s=pick("hold_s"),
             leak_requests=args.leak_requests or requests,
             warmup_requests=pick("warmup_requests"),
+            rounds=pick("rounds"),
             store_url=args.store,
             pricing=args.pricing,
             quick=args.quick,
@@ -304,6 +314,8 @@ def _check_options(options: BenchOptions) -> str | None:
         return f"--pricing: {options.pricing}: no such file (run from the checkout, or name it)"
     if options.hold_s <= 0:
         return f"--hold-s: must be more than 0, got {options.hold_s}"
+    if min(options.requests, options.latency_requests) < options.rounds:
+        return f"--rounds: at most --requests and --latency-requests, got {options.rounds}"
     for name, path in (("--json", options.json_path), ("--profile", options.profile)):
         if path is not None and not path.parent.is_dir():
             return f"{name}: {path.parent}: no such folder"
@@ -558,6 +570,20 @@ class LoadResult:
     def ok(self) -> int:
         return self.statuses.get(200, 0)
 
+    def add(self, other: LoadResult) -> None:
+        """Pool another run's figures into these (the rounds of one target)."""
+        self.requests += other.requests
+        for status, n in other.statuses.items():
+            self.statuses[status] = self.statuses.get(status, 0) + n
+        for name, n in other.errors.items():
+            self.errors[name] = self.errors.get(name, 0) + n
+        self.wall_s += other.wall_s
+        self.load_cpu_s += other.load_cpu_s
+        self.latency_ms += other.latency_ms
+        self.ttfb_ms += other.ttfb_ms
+        self.chunks += other.chunks
+        self.warmup_ok += other.warmup_ok
+
 
 def _load_main(conn: Connection, cpus: tuple[int, ...], use_uvloop: bool) -> None:
     """A spawned process: run each job it is sent, answer its result; None stops it."""
@@ -693,6 +719,18 @@ class Target:
     url: str  # of /v1/messages
     pid: int  # the process whose CPU and memory we read
     keys: tuple[str, ...]
+
+
+def turns(
+    targets: Sequence[Target], requests: int, rounds: int
+) -> Iterator[tuple[str, Target, int]]:
+    """(label, target, requests) for each target in each round, the order rotated by one every
+    round, the requests split as evenly as they go: a machine whose speed drifts during a run
+    then slows every target alike."""
+    for index in range(rounds):
+        share = requests // rounds + (index < requests % rounds)
+        for turn in range(len(targets)):
+            yield f"round {index + 1}/{rounds}", targets[(index + turn) % len(targets)], share
 
 
 def request_body(*, stream: bool) -> bytes:
@@ -928,25 +966,37 @@ class Bench:
         section: dict[str, Any] = {
             "concurrency": options.concurrency,
             "requests": options.requests,
+            "rounds": options.rounds,
         }
-        for target in targets:
+        pooled = {target.name: LoadResult() for target in targets}
+        cpu = {target.name: [0.0, 0.0, 0.0, 0.0] for target in targets}  # all, main, mock, drain
+        cpu_ms_rounds: dict[str, list[float]] = {target.name: [] for target in targets}
+        for label, target, requests in turns(targets, options.requests, options.rounds):
             self._wait_idle(target.pid)
             result = self._load(
-                "non-streaming",
+                f"non-streaming, {label}",
                 target,
                 self._job(
                     target,
                     stream=False,
                     headers=_script_headers(stream=False),
                     concurrency=options.concurrency,
-                    requests=options.requests,
+                    requests=requests,
                     cpu_pids=(target.pid, mock_pid),
                 ),
             )
             drain_ms = self._wait_idle(target.pid)
-            cpu_used_s = cpu_s(target.pid) - result.cpu_s_start[target.pid][0]
-            main_used_s = cpu_s(target.pid, main_thread=True) - result.cpu_s_start[target.pid][1]
-            mock_used_s = cpu_s(mock_pid) - result.cpu_s_start[mock_pid][0]
+            used_s = cpu_s(target.pid) - result.cpu_s_start[target.pid][0]
+            spent = cpu[target.name]
+            spent[0] += used_s
+            spent[1] += cpu_s(target.pid, main_thread=True) - result.cpu_s_start[target.pid][1]
+            spent[2] += cpu_s(mock_pid) - result.cpu_s_start[mock_pid][0]
+            spent[3] = max(spent[3], drain_ms)
+            cpu_ms_rounds[target.name].append(1000 * used_s / max(1, result.requests))
+            pooled[target.name].add(result)
+        for target in targets:
+            result = pooled[target.name]
+            cpu_used_s, main_used_s, mock_used_s, drain_ms = cpu[target.name]
             per_request_ms = 1000 / max(1, result.requests)
             section[target.name] = {
                 **_counts(result),
@@ -962,7 +1012,7 @@ class Bench:
                 ),
                 # how busy the measured process kept its core: near 100 means it was the limit
                 "cpu_pct": _round(100 * cpu_used_s / result.wall_s if result.wall_s else 0, 1),
-                "drain_ms": _round(drain_ms, 1),
+                "drain_ms": _round(drain_ms, 1),  # the longest wait for it to go idle
                 "rss_kb": rss_kb(target.pid),
             }
         bare, proxy = section["bare"], section["proxy"]
@@ -980,23 +1030,38 @@ class Bench:
         section["ratio_proxy_to_bare_requests_per_cpu_s"] = _ratio(
             bare["cpu_ms_per_request"], proxy["cpu_ms_per_request"]
         )
+        # the same, round by round: how far the machine moved under the pooled figure
+        section["ratio_proxy_to_bare_requests_per_cpu_s_rounds"] = [
+            _ratio(bare_ms, proxy_ms)
+            for bare_ms, proxy_ms in zip(cpu_ms_rounds["bare"], cpu_ms_rounds["proxy"], strict=True)
+        ]
         return section
 
     def _latency_c1(self, targets: Sequence[Target]) -> dict[str, Any]:
-        section: dict[str, Any] = {"concurrency": 1, "requests": self.options.latency_requests}
-        for target in targets:
+        section: dict[str, Any] = {
+            "concurrency": 1,
+            "requests": self.options.latency_requests,
+            "rounds": self.options.rounds,
+        }
+        pooled = {target.name: LoadResult() for target in targets}
+        latency_requests, rounds = self.options.latency_requests, self.options.rounds
+        for label, target, requests in turns(targets, latency_requests, rounds):
             self._wait_idle(target.pid)
-            result = self._load(
-                "concurrency 1",
-                target,
-                self._job(
+            pooled[target.name].add(
+                self._load(
+                    f"concurrency 1, {label}",
                     target,
-                    stream=False,
-                    headers=_script_headers(stream=False),
-                    concurrency=1,
-                    requests=self.options.latency_requests,
-                ),
+                    self._job(
+                        target,
+                        stream=False,
+                        headers=_script_headers(stream=False),
+                        concurrency=1,
+                        requests=requests,
+                    ),
+                )
             )
+        for target in targets:
+            result = pooled[target.name]
             section[target.name] = {
                 **_counts(result),
                 "latency_ms_p50": _round(percentile(result.latency_ms, 50), 3),
@@ -1634,7 +1699,8 @@ def render_table(report: dict[str, Any]) -> str:
         lines.append("QUICK RUN: tiny counts; the figures show the command works, not its speed")
     lines += [
         "",
-        f"non-streaming, concurrency {ns['concurrency']}, {ns['requests']} requests each",
+        f"non-streaming, concurrency {ns['concurrency']}, {ns['requests']} requests each "
+        f"in {ns['rounds']} rounds, the targets taking turns",
         f"  {'':<16}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'CPU ms/req':>12}{'loop':>8}"
         f"{'client CPU':>12}",
     ]
@@ -1655,12 +1721,17 @@ def render_table(report: dict[str, Any]) -> str:
         f"{ns['bare']['cpu_pct']:.0f}%, proxy {ns['proxy']['cpu_pct']:.0f}%"
     )
     lines.append(
+        "  the same ratio round by round: "
+        + ", ".join(f"{r:.3f}" for r in ns["ratio_proxy_to_bare_requests_per_cpu_s_rounds"])
+    )
+    lines.append(
         "  (CPU: of the process measured, every thread; direct: the mock's; loop: its event "
         "loop's thread alone; client CPU: the load generator's share of one core)"
     )
     lines += [
         "",
-        f"added latency, concurrency 1, {c1['requests']} requests each (p50/p99 of each minus direct's)",
+        f"added latency, concurrency 1, {c1['requests']} requests each in {c1['rounds']} rounds "
+        "(p50/p99 of each minus direct's)",
         f"  {'':<16}{'p50 ms':>9}{'p99 ms':>9}",
         f"  {'direct':<16}{c1['direct']['latency_ms_p50']:>9.3f}{c1['direct']['latency_ms_p99']:>9.3f}",
     ]

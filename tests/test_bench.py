@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from proxy.__main__ import main
-from proxy.bench import Pinning, _redacted, percentile
+from proxy.bench import Pinning, Target, _redacted, percentile, turns
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 TARGETS = {
@@ -59,7 +59,9 @@ def test_quick_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert report["options"]["quick"] is True
 
     ns = report["non_streaming"]
-    assert ns["concurrency"] == 32
+    assert ns["concurrency"] == 32 and ns["rounds"] == 2
+    assert len(ns["ratio_proxy_to_bare_requests_per_cpu_s_rounds"]) == 2
+    assert all(r > 0 for r in ns["ratio_proxy_to_bare_requests_per_cpu_s_rounds"])
     for name in ("direct", "bare", "proxy"):
         row = ns[name]
         assert (row["requests"], row["ok"], row["failed"]) == (200, 200, 0), row
@@ -74,6 +76,7 @@ def test_quick_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert ns["proxy"]["cpu_pct"] > 0
 
     c1 = report["latency_c1"]
+    assert c1["rounds"] == 2
     for name in ("direct", "bare", "proxy"):
         assert (c1[name]["requests"], c1[name]["ok"]) == (20, 20)
         assert 0 < c1[name]["latency_ms_p50"] <= c1[name]["latency_ms_p99"]
@@ -131,6 +134,7 @@ def test_a_proxy_that_cannot_start_is_one_line_and_status_1(
         (["--store", "mysql://x"], "--store: must start with sqlite:/// or postgresql://"),
         (["--pricing", "/nonexistent/pricing.toml"], "--pricing: /nonexistent/pricing.toml"),
         (["--hold-s", "0"], "--hold-s: must be more than 0"),
+        (["--quick", "--rounds", "60"], "--rounds: at most --requests and --latency-requests"),
     ],
 )
 def test_bad_options_exit_2_with_one_line(
@@ -165,6 +169,22 @@ def test_pinning_gives_the_proxy_a_core_of_its_own(
     cpus: list[int], enabled: bool, expected: Pinning
 ) -> None:
     assert Pinning.plan(cpus, enabled=enabled) == expected
+
+
+def test_targets_take_turns_in_rotating_order_with_the_requests_split_evenly() -> None:
+    direct, bare, proxy = (Target(name, "", 0, ()) for name in ("direct", "bare", "proxy"))
+    runs = list(turns((direct, bare, proxy), 10, 3))
+    assert [(label, target.name, n) for label, target, n in runs] == [
+        ("round 1/3", "direct", 4),
+        ("round 1/3", "bare", 4),
+        ("round 1/3", "proxy", 4),
+        ("round 2/3", "bare", 3),
+        ("round 2/3", "proxy", 3),
+        ("round 2/3", "direct", 3),
+        ("round 3/3", "proxy", 3),
+        ("round 3/3", "direct", 3),
+        ("round 3/3", "bare", 3),
+    ]
 
 
 @pytest.mark.parametrize(
