@@ -8,8 +8,9 @@ other coroutine's statement can interleave with it, and BEGIN IMMEDIATE takes SQ
 at once: every write runs alone, which is what `Tx.lock_org` asks for. The steps of one turn of
 the event loop share one transaction, each in a savepoint, committed at the end of the turn
 (group commit); a step returns only after that commit. Checkpoints run in a worker thread, each
-followed by a short one with writes held so that the WAL can start over. Another process writing
-the same file (an `admin --config` run) can make a statement wait up to BUSY_TIMEOUT_MS.
+followed by a short one with writes held so that the WAL can start over. While another process
+holds the write lock (an `admin --config` run), a step waits for it without blocking the loop,
+trying again for up to BUSY_TIMEOUT_MS, then fails as the store being unavailable.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from proxy.store.base import StoreUnavailable
 from proxy.store.sql import SqlStore, to_its_end
 
 BUSY_TIMEOUT_MS = 1000
+BUSY_RETRY_MS = (1, 50)  # the first wait for another process's write lock, and the longest
 # The WAL is copied back into the database file (a checkpoint, with an fsync) by a thread of its
 # own after this many commits, never on the event loop: SQLite's automatic checkpoint would run
 # inside a COMMIT and stall every request for milliseconds (measured: 100 us a commit on
@@ -49,7 +51,7 @@ async def open_sqlite(path: str) -> SqlStore:
         "journal_mode=WAL",
         "synchronous=NORMAL",  # WAL: a crash loses no committed transaction, only an OS crash may
         "foreign_keys=ON",
-        f"busy_timeout={BUSY_TIMEOUT_MS}",
+        "busy_timeout=0",  # SQLite's own wait would block the loop: see SqliteDatabase._begin
         "wal_autocheckpoint=0",  # see CHECKPOINT_COMMITS
         f"journal_size_limit={WAL_SIZE_MAX_BYTES}",
     ):
@@ -108,7 +110,7 @@ class SqliteDatabase:
             if self._batch is None and self._writes_held:
                 assert self._checkpoint is not None
                 await asyncio.wait([self._checkpoint])
-            batch = self._batch if self._batch is not None else self._begin()
+            batch = self._batch if self._batch is not None else await self._begin()
             self._conn.execute("SAVEPOINT step")
             try:
                 yield SqliteTx(self._conn)
@@ -119,9 +121,26 @@ class SqliteDatabase:
             self._conn.execute("RELEASE step")
         await to_its_end(batch)
 
-    def _begin(self) -> asyncio.Future[None]:
-        self._conn.execute("BEGIN IMMEDIATE")
+    async def _begin(self) -> asyncio.Future[None]:
+        """BEGIN IMMEDIATE, and the COMMIT at the end of this turn. While another process holds
+        the write lock, try again after a growing pause rather than wait inside SQLite, which
+        would stop every request and stream for as long."""
         loop = asyncio.get_running_loop()
+        deadline_s = loop.time() + BUSY_TIMEOUT_MS / 1000
+        pause_s, longest_s = (ms / 1000 for ms in BUSY_RETRY_MS)
+        while True:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                break
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+                    raise
+                if loop.time() + pause_s > deadline_s:
+                    raise StoreUnavailable(
+                        f"the SQLite store stayed locked by another process for {BUSY_TIMEOUT_MS} ms"
+                    ) from None
+            await asyncio.sleep(pause_s)
+            pause_s = min(2 * pause_s, longest_s)
         self._batch = batch = loop.create_future()
         loop.call_soon(self._commit)
         return batch

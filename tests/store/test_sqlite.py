@@ -10,6 +10,7 @@ import pytest
 
 from proxy.settings import StoreSettings
 from proxy.store import open_store
+from proxy.store.base import StoreUnavailable
 from proxy.tasks import Tasks
 
 
@@ -128,3 +129,44 @@ async def test_the_wal_starts_over_under_steady_writes(tmp_path):
     assert len(committed_notes(tmp_path)) == 6000
     await store.close()
     assert wal_bytes < 8 * 1024 * 1024
+
+
+async def test_a_step_waits_for_another_process_lock_without_stopping_the_loop(tmp_path):
+    """`admin --config` in another process holds the write lock: the step waits, and the event
+    loop (every other request and stream) runs on meanwhile; SQLite's own busy wait would have
+    stopped it."""
+    store, db = await open_db(tmp_path)
+    other = sqlite3.connect(tmp_path / "group.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO notes (n) VALUES (1)")
+
+    async def step() -> None:
+        async with db.transaction() as tx:
+            await tx.execute("INSERT INTO notes (n) VALUES (2)")
+
+    waiting = asyncio.ensure_future(step())
+    ticks = 0
+    for _ in range(10):  # the loop goes round while the step waits
+        await asyncio.sleep(0.005)
+        ticks += 1
+    assert ticks == 10 and not waiting.done()
+    other.execute("COMMIT")
+    other.close()
+    await waiting
+    assert committed_notes(tmp_path) == [1, 2]
+    await store.close()
+
+
+async def test_a_lock_held_past_the_busy_timeout_is_the_store_unavailable(tmp_path):
+    store, db = await open_db(tmp_path)
+    other = sqlite3.connect(tmp_path / "group.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    with pytest.raises(StoreUnavailable, match="locked by another process"):
+        async with db.transaction() as tx:
+            await tx.execute("INSERT INTO notes (n) VALUES (1)")
+    other.execute("ROLLBACK")
+    other.close()
+    async with db.transaction() as tx:  # and it serves again once the lock is gone
+        await tx.execute("INSERT INTO notes (n) VALUES (2)")
+    assert committed_notes(tmp_path) == [2]
+    await store.close()
