@@ -585,6 +585,18 @@ class LoadResult:
         self.warmup_ok += other.warmup_ok
 
 
+@dataclass(slots=True)
+class _Spent:
+    """CPU a target used over the rounds of a run (the process, its loop's thread, the mock's),
+    its longest wait to go idle, and its CPU per request round by round."""
+
+    all_s: float = 0.0
+    main_s: float = 0.0
+    mock_s: float = 0.0
+    drain_ms: float = 0.0
+    ms_per_request_rounds: list[float] = field(default_factory=list)
+
+
 def _load_main(conn: Connection, cpus: tuple[int, ...], use_uvloop: bool) -> None:
     """A spawned process: run each job it is sent, answer its result; None stops it."""
     if cpus:
@@ -969,8 +981,7 @@ class Bench:
             "rounds": options.rounds,
         }
         pooled = {target.name: LoadResult() for target in targets}
-        cpu = {target.name: [0.0, 0.0, 0.0, 0.0] for target in targets}  # all, main, mock, drain
-        cpu_ms_rounds: dict[str, list[float]] = {target.name: [] for target in targets}
+        spent = {target.name: _Spent() for target in targets}
         for label, target, requests in turns(targets, options.requests, options.rounds):
             self._wait_idle(target.pid)
             result = self._load(
@@ -987,32 +998,32 @@ class Bench:
             )
             drain_ms = self._wait_idle(target.pid)
             used_s = cpu_s(target.pid) - result.cpu_s_start[target.pid][0]
-            spent = cpu[target.name]
-            spent[0] += used_s
-            spent[1] += cpu_s(target.pid, main_thread=True) - result.cpu_s_start[target.pid][1]
-            spent[2] += cpu_s(mock_pid) - result.cpu_s_start[mock_pid][0]
-            spent[3] = max(spent[3], drain_ms)
-            cpu_ms_rounds[target.name].append(1000 * used_s / max(1, result.requests))
+            totals = spent[target.name]
+            totals.all_s += used_s
+            totals.main_s += cpu_s(target.pid, main_thread=True) - result.cpu_s_start[target.pid][1]
+            totals.mock_s += cpu_s(mock_pid) - result.cpu_s_start[mock_pid][0]
+            totals.drain_ms = max(totals.drain_ms, drain_ms)
+            totals.ms_per_request_rounds.append(1000 * used_s / max(1, result.requests))
             pooled[target.name].add(result)
         for target in targets:
             result = pooled[target.name]
-            cpu_used_s, main_used_s, mock_used_s, drain_ms = cpu[target.name]
+            totals = spent[target.name]
             per_request_ms = 1000 / max(1, result.requests)
             section[target.name] = {
                 **_counts(result),
                 "requests_per_s": _round(result.requests / result.wall_s if result.wall_s else 0),
                 "latency_ms_p50": _round(percentile(result.latency_ms, 50)),
                 "latency_ms_p99": _round(percentile(result.latency_ms, 99)),
-                "cpu_ms_per_request": _round(cpu_used_s * per_request_ms, 3),
+                "cpu_ms_per_request": _round(totals.all_s * per_request_ms, 3),
                 # the event loop's thread; the rest is other threads (checkpoints, to_thread's)
-                "main_thread_cpu_ms_per_request": _round(main_used_s * per_request_ms, 3),
-                "mock_cpu_ms_per_request": _round(mock_used_s * per_request_ms, 3),
+                "main_thread_cpu_ms_per_request": _round(totals.main_s * per_request_ms, 3),
+                "mock_cpu_ms_per_request": _round(totals.mock_s * per_request_ms, 3),
                 "load_cpu_pct": _round(
                     100 * result.load_cpu_s / result.wall_s if result.wall_s else 0, 1
                 ),
                 # how busy the measured process kept its core: near 100 means it was the limit
-                "cpu_pct": _round(100 * cpu_used_s / result.wall_s if result.wall_s else 0, 1),
-                "drain_ms": _round(drain_ms, 1),  # the longest wait for it to go idle
+                "cpu_pct": _round(100 * totals.all_s / result.wall_s if result.wall_s else 0, 1),
+                "drain_ms": _round(totals.drain_ms, 1),  # the longest wait for it to go idle
                 "rss_kb": rss_kb(target.pid),
             }
         bare, proxy = section["bare"], section["proxy"]
@@ -1033,7 +1044,11 @@ class Bench:
         # the same, round by round: how far the machine moved under the pooled figure
         section["ratio_proxy_to_bare_requests_per_cpu_s_rounds"] = [
             _ratio(bare_ms, proxy_ms)
-            for bare_ms, proxy_ms in zip(cpu_ms_rounds["bare"], cpu_ms_rounds["proxy"], strict=True)
+            for bare_ms, proxy_ms in zip(
+                spent["bare"].ms_per_request_rounds,
+                spent["proxy"].ms_per_request_rounds,
+                strict=True,
+            )
         ]
         return section
 

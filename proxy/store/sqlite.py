@@ -98,7 +98,7 @@ class SqliteDatabase:
         self._commits = 0
         self._batch: asyncio.Future[None] | None = None  # the open write transaction's COMMIT
         self._checkpoint: asyncio.Future[None] | None = None
-        self._finish_wanted = False  # frames were committed while the checkpoint ran
+        self._finish_wanted = False  # frames were committed while the last checkpoint ran
         self._writes_held = False  # the checkpoint running is the finishing one
 
     @asynccontextmanager
@@ -183,11 +183,9 @@ class SqliteDatabase:
         if finishing or not self._commits:
             return  # it copied every frame: the next write starts the WAL over
         # The loop committed while it ran, so the WAL cannot start over: under steady load it
-        # would grow without end (15 KB a request was measured). Copy the rest, writes held.
-        if self._batch is None:
-            self._finish_checkpoint()
-        else:
-            self._finish_wanted = True  # right after the open transaction commits
+        # would grow without end (15 KB a request was measured). Copy the rest, writes held,
+        # right after the next commit (until then the WAL does not grow).
+        self._finish_wanted = True
 
     def _finish_checkpoint(self) -> None:
         """Copy the frames committed since the last checkpoint began, while no write runs
