@@ -185,6 +185,24 @@ class _SeatRow:
         return MemberState(bool(self.extra_usage_enabled), self.consent, self.consent_until_s)
 
 
+Starts = tuple[float | None, float | None]  # when a request's session and weekly windows began
+Spent = dict[int, tuple[int, int]]  # org (0) or member id -> the month's (posted, reserved)
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """What admission recorded of a request, for its settlement."""
+
+    member_id: int
+    model: str
+    billing: str
+    reserved_nanos: int  # included quota held in the windows
+    extra_reserved_nanos: int  # held in the month's extra usage (and the prepaid balance)
+    month: str
+    session_started_at_s: float | None
+    weekly_started_at_s: float | None
+
+
 async def to_its_end(step: Awaitable[R]) -> R:
     """Await a store step that must not stop half-way. A caller cancelled meanwhile (its client
     left) still gets the step's answer, since an admission that went in must be settled, and the
@@ -277,43 +295,28 @@ class SqlStore:
                     decision = Unaffordable(short, extra_nanos)
             if isinstance(decision, Admitted):
                 await self._open(db, r.member_id, windows)
-                await db.execute(
-                    "UPDATE windows SET reserved_nanos = reserved_nanos + ? "
-                    "WHERE member_id = ? AND started_at_s IN (?, ?)",
-                    (decision.included_reserved_nanos, r.member_id, *_starts(windows)),
+                starts = _starts(windows)
+                await self._move_windows(
+                    db, r.member_id, starts, 0, decision.included_reserved_nanos
                 )
                 if decision.consent_until_s is not None:
-                    await db.execute(
-                        "UPDATE members SET consent_until_s = ? WHERE id = ?",
-                        (decision.consent_until_s, r.member_id),
-                    )
+                    await self._set_consent(db, r.member_id, decision.consent_until_s)
                     member = replace(member, consent_until_s=decision.consent_until_s)
                 if extra_nanos:
                     await self._move_spend(db, r.org_id, r.member_id, funds.month, 0, extra_nanos)
                     if funds.prepaid:
-                        await db.execute(
-                            "UPDATE orgs SET balance_reserved_nanos = balance_reserved_nanos + ? "
-                            "WHERE id = ?",
-                            (extra_nanos, r.org_id),
-                        )
-                await db.execute(
-                    """INSERT INTO requests (id, member_id, org_id, model, stream, status, billing,
-                           reserved_nanos, extra_reserved_nanos, month, session_started_at_s,
-                           weekly_started_at_s, created_at_s, expires_at_s)
-                       VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?)""",
-                    (
-                        r.request_id,
+                        await self._move_balance(db, r.org_id, 0, extra_nanos)
+                await self._record_admission(
+                    db,
+                    r,
+                    Pending(
                         r.member_id,
-                        r.org_id,
                         r.model,
-                        int(r.stream),
                         decision.billing,
                         decision.included_reserved_nanos,
                         extra_nanos,
                         funds.month,
-                        *_starts(windows),
-                        r.created_at_s,
-                        r.expires_at_s,
+                        *starts,
                     ),
                 )
             return Admission(decision, windows, member, funds)
@@ -336,51 +339,25 @@ class SqlStore:
         s = settlement
         usage = s.usage or Usage()
         async with self._db.transaction() as db:
-            # the request and its org locked in one statement; a settled request is not found
-            row = await db.fetchrow(
-                f"""SELECT r.model, r.billing, r.reserved_nanos, r.extra_reserved_nanos, r.month,
-                       r.session_started_at_s, r.weekly_started_at_s, r.status, {_SEAT_COLUMNS}
-                   FROM requests r JOIN members m ON m.id = r.member_id {_SEAT_JOINS}
-                   WHERE r.id = ? AND r.status IN ('pending', 'expired')
-                   {self._db.for_update("r, m")}""",
-                (s.request_id,),
-            )
-            if row is None:
+            found = await self._settling(db, s.request_id)
+            if found is None:  # settled already
                 return None
-            (
-                model,
-                billing,
-                reserved_nanos,
-                extra_reserved_nanos,
-                month,
-                session_start,
-                weekly_start,
-                status,
-            ) = tuple(row)[:8]
-            seat = _SeatRow(*tuple(row)[8:])
-            member_id, org_id = seat.member_id, seat.org_id
-            if (billing == EXTRA or extra_reserved_nanos) and await db.lock_org(org_id):
+            p, status, seat = found
+            member_id, org_id = p.member_id, seat.org_id
+            reserved_nanos, extra_reserved_nanos = p.reserved_nanos, p.extra_reserved_nanos
+            if (p.billing == EXTRA or extra_reserved_nanos) and await db.lock_org(org_id):
                 seat = await self._seat(db, "WHERE m.id = ?", (member_id,))  # money, locked
             if status == "expired":  # a long stream outlived its reservation: post it late;
                 reserved_nanos = extra_reserved_nanos = 0  # the expiry already released them
-            stored, funds_before = await self._books(
-                db, seat, s.settled_at_s, (session_start, weekly_start)
-            )
+            starts = (p.session_started_at_s, p.weekly_started_at_s)
+            stored, funds_before = await self._books(db, seat, s.settled_at_s, starts)
             windows = with_limits(tiers[seat.tier], stored)
-            split = split_charge(s.cost_nanos, windows, billing)
-            await db.execute(
-                "UPDATE windows SET used_nanos = used_nanos + ?, "
-                "reserved_nanos = reserved_nanos - ? WHERE member_id = ? AND started_at_s IN (?, ?)",
-                (
-                    split.included_nanos + split.overrun_nanos,
-                    reserved_nanos,
-                    member_id,
-                    session_start,
-                    weekly_start,
-                ),
+            split = split_charge(s.cost_nanos, windows, p.billing)
+            await self._move_windows(
+                db, member_id, starts, split.included_nanos + split.overrun_nanos, -reserved_nanos
             )
             reload = await self._post_extra(
-                db, seat, month, model, s, split.extra_nanos, extra_reserved_nanos
+                db, seat, p.month, p.model, s, split.extra_nanos, extra_reserved_nanos
             )
             await db.execute(
                 """UPDATE requests SET status = ?, input_tokens = ?, output_tokens = ?,
@@ -463,15 +440,12 @@ class SqlStore:
             return None
         after_nanos = seat.balance_nanos - extra_nanos
         order = await self._reload_order(db, seat, month, after_nanos, s.request_id)
-        await db.execute(
-            "UPDATE orgs SET balance_nanos = ?, balance_reserved_nanos = "
-            "balance_reserved_nanos - ?, reload_pending = ? WHERE id = ?",
-            (
-                after_nanos,
-                extra_reserved_nanos,
-                int(order is not None or seat.reload_pending),
-                org_id,
-            ),
+        await self._move_balance(
+            db,
+            org_id,
+            extra_nanos,
+            -extra_reserved_nanos,
+            reload_pending=order is not None or bool(seat.reload_pending),
         )
         return order
 
@@ -535,13 +509,21 @@ class SqlStore:
         )
         return _SeatRow(*row)
 
-    @staticmethod
     async def _books(
-        db: Tx, seat: _SeatRow, now_s: float, starts: tuple[float | None, ...] | None = None
+        self, db: Tx, seat: _SeatRow, now_s: float, starts: Starts | None = None
     ) -> tuple[dict[str, Window], ExtraFunds]:
-        """In one query: the member's windows (the newest of each kind, or the ones that began
-        at `starts`) and this month's extra usage of the member and the org."""
+        """The member's windows (the newest of each kind, or the ones that began at `starts`)
+        and what extra usage can draw on this month."""
         month = month_of(now_s, seat.timezone)
+        windows, spent = await self._stored(db, seat, month, starts)
+        return windows, _funds(seat, month, spent)
+
+    async def _stored(
+        self, db: Tx, seat: _SeatRow, month: str, starts: Starts | None
+    ) -> tuple[dict[str, Window], Spent]:
+        """In one query: the member's windows (the newest of each kind, or the ones that began
+        at `starts`) and the month's extra usage of the org (0) and the member, as (posted,
+        reserved)."""
         if starts is None:
             which = (
                 "started_at_s = (SELECT MAX(started_at_s) FROM windows "
@@ -567,19 +549,7 @@ class SqlStore:
         spent = {
             int(who): (posted, held) for what, who, _, _, posted, held in rows if what == "spend"
         }
-        org_spent, member_spent = spent.get(0, (0, 0)), spent.get(seat.member_id, (0, 0))
-        accounts = [Account(ORG_MONTHLY, seat.org_limit_nanos, *org_spent)]
-        if seat.plan == "enterprise" and seat.member_limit_nanos is not None:
-            accounts.append(Account(MEMBER_MONTHLY, seat.member_limit_nanos, *member_spent))
-        elif seat.plan == "enterprise" and seat.tier_limit_nanos is not None:
-            accounts.append(Account(TIER_MONTHLY, seat.tier_limit_nanos, *member_spent))
-        prepaid = seat.plan in PREPAID_PLANS
-        if prepaid:
-            accounts.append(Account(BALANCE, seat.balance_nanos, 0, seat.balance_reserved_nanos))
-        funds = ExtraFunds(
-            month, prepaid, tuple(accounts), seat.timezone, member_spent[0], seat.reservation
-        )
-        return windows, funds
+        return windows, {who: spent.get(who, (0, 0)) for who in (0, seat.member_id)}
 
     @_atomic
     async def purchase(
@@ -767,10 +737,8 @@ class SqlStore:
                 session_start,
                 weekly_start,
             ) in rows:
-                await db.execute(
-                    "UPDATE windows SET reserved_nanos = reserved_nanos - ? "
-                    "WHERE member_id = ? AND started_at_s IN (?, ?)",
-                    (reserved_nanos, member_id, session_start, weekly_start),
+                await self._move_windows(
+                    db, member_id, (session_start, weekly_start), 0, -reserved_nanos
                 )
                 if extra_reserved_nanos:
                     await self._move_spend(db, org_id, member_id, month, 0, -extra_reserved_nanos)
@@ -805,18 +773,16 @@ class SqlStore:
             if member.extra_usage_enabled:
                 await self._open(db, member_id, windows)  # consent ends with a real window
                 member = replace(member, consent_until_s=ledger.consent_until(windows, now_s))
-                await db.execute(
-                    "UPDATE members SET consent_until_s = ? WHERE id = ?",
-                    (member.consent_until_s, member_id),
-                )
+                await self._set_consent(db, member_id, member.consent_until_s)
             return MemberStatus(windows, member, funds)
 
     async def secret(self, name: str) -> str:
         rows = await self._read("SELECT value FROM secrets WHERE name = ?", (name,))
         return rows[0][0]
 
-    @staticmethod
-    async def _open(db: Tx, member_id: int, windows: Windows) -> None:
+    # -- the writes of admission and settlement (books.py keeps its copy of the books in step)
+
+    async def _open(self, db: Tx, member_id: int, windows: Windows) -> None:
         """Store the windows that this instant opened."""
         for kind in windows.opened:
             w = windows.by_kind[kind]
@@ -824,6 +790,91 @@ class SqlStore:
                 "INSERT INTO windows (member_id, kind, started_at_s, ends_at_s) VALUES (?, ?, ?, ?)",
                 (member_id, kind, w.started_at_s, w.ends_at_s),
             )
+
+    async def _move_windows(
+        self,
+        db: Tx,
+        member_id: int,
+        starts: tuple[float | None, float | None],
+        used_nanos: int,
+        reserved_nanos: int,
+    ) -> None:
+        """Add to the used and reserved amounts of the member's windows that began at `starts`."""
+        await db.execute(
+            "UPDATE windows SET used_nanos = used_nanos + ?, reserved_nanos = reserved_nanos + ? "
+            "WHERE member_id = ? AND started_at_s IN (?, ?)",
+            (used_nanos, reserved_nanos, member_id, *starts),
+        )
+
+    async def _set_consent(self, db: Tx, member_id: int, until_s: float | None) -> None:
+        await db.execute(
+            "UPDATE members SET consent_until_s = ? WHERE id = ?", (until_s, member_id)
+        )
+
+    async def _move_balance(
+        self,
+        db: Tx,
+        org_id: str,
+        spent_nanos: int,
+        reserved_nanos: int,
+        *,
+        reload_pending: bool | None = None,
+    ) -> None:
+        """Take what extra usage spent from the prepaid balance, add to what it holds in
+        reservations, and mark (or not) a reload as pending."""
+        await db.execute(
+            "UPDATE orgs SET balance_nanos = balance_nanos - ?, "
+            "balance_reserved_nanos = balance_reserved_nanos + ?, "
+            "reload_pending = COALESCE(?, reload_pending) WHERE id = ?",
+            (
+                spent_nanos,
+                reserved_nanos,
+                None if reload_pending is None else int(reload_pending),
+                org_id,
+            ),
+        )
+
+    async def _record_admission(self, db: Tx, r: AdmissionRequest, p: Pending) -> None:
+        await db.execute(
+            """INSERT INTO requests (id, member_id, org_id, model, stream, status, billing,
+                   reserved_nanos, extra_reserved_nanos, month, session_started_at_s,
+                   weekly_started_at_s, created_at_s, expires_at_s)
+               VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?)""",
+            (
+                r.request_id,
+                r.member_id,
+                r.org_id,
+                p.model,
+                int(r.stream),
+                p.billing,
+                p.reserved_nanos,
+                p.extra_reserved_nanos,
+                p.month,
+                p.session_started_at_s,
+                p.weekly_started_at_s,
+                r.created_at_s,
+                r.expires_at_s,
+            ),
+        )
+
+    # -- the reads of admission and settlement (books.py answers them from memory)
+
+    async def _settling(self, db: Tx, request_id: str) -> tuple[Pending, str, _SeatRow] | None:
+        """A request to settle (pending, or expired and so posted late), its status and its
+        seat, the request and member rows locked in one statement; None once settled."""
+        row = await db.fetchrow(
+            f"""SELECT r.member_id, r.model, r.billing, r.reserved_nanos, r.extra_reserved_nanos,
+                   r.month, r.session_started_at_s, r.weekly_started_at_s, r.status,
+                   {_SEAT_COLUMNS}
+               FROM requests r JOIN members m ON m.id = r.member_id {_SEAT_JOINS}
+               WHERE r.id = ? AND r.status IN ('pending', 'expired')
+               {self._db.for_update("r, m")}""",
+            (request_id,),
+        )
+        if row is None:
+            return None
+        values = tuple(row)
+        return Pending(*values[:8]), values[8], _SeatRow(*values[9:])
 
     async def get_request(self, request_id: str) -> RequestRecord | None:
         rows = await self._read("SELECT * FROM requests WHERE id = ?", (request_id,))
@@ -1126,6 +1177,23 @@ class SqlStore:
         await self._db.close()
 
 
+def _funds(seat: _SeatRow, month: str, spent: Spent) -> ExtraFunds:
+    """What extra usage can draw on for the member this month: the org's limit, the member's
+    (or their tier's, Enterprise) and the prepaid balance."""
+    org_spent, member_spent = spent[0], spent[seat.member_id]
+    accounts = [Account(ORG_MONTHLY, seat.org_limit_nanos, *org_spent)]
+    if seat.plan == "enterprise" and seat.member_limit_nanos is not None:
+        accounts.append(Account(MEMBER_MONTHLY, seat.member_limit_nanos, *member_spent))
+    elif seat.plan == "enterprise" and seat.tier_limit_nanos is not None:
+        accounts.append(Account(TIER_MONTHLY, seat.tier_limit_nanos, *member_spent))
+    prepaid = seat.plan in PREPAID_PLANS
+    if prepaid:
+        accounts.append(Account(BALANCE, seat.balance_nanos, 0, seat.balance_reserved_nanos))
+    return ExtraFunds(
+        month, prepaid, tuple(accounts), seat.timezone, member_spent[0], seat.reservation
+    )
+
+
 def _request_record(row: Any) -> RequestRecord:
     usage = Usage(
         input_tokens=row["input_tokens"],
@@ -1155,7 +1223,7 @@ def _request_record(row: Any) -> RequestRecord:
     )
 
 
-def _starts(windows: Windows) -> tuple[float | None, float | None]:
+def _starts(windows: Windows) -> Starts:
     session, weekly = windows.get(ledger.SESSION), windows.get(ledger.WEEKLY)
     return (session.started_at_s if session else None, weekly.started_at_s if weekly else None)
 
