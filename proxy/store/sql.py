@@ -269,7 +269,7 @@ class SqlStore:
     async def admit(self, request: AdmissionRequest, tiers: Mapping[str, Tier]) -> Admission:
         r = request
         async with self._db.transaction() as db:
-            seat = await self._seat(db, "WHERE m.id = ?", (r.member_id,), lock="m")
+            seat = await self._seat(db, r.member_id, lock="m")
             tier, member = tiers[seat.tier], seat.member
             stored, funds = await self._books(db, seat, r.created_at_s)
             windows = current_windows(tier, stored, r.created_at_s)
@@ -288,7 +288,7 @@ class SqlStore:
                     decision, windows, amount_nanos, member, r.created_at_s
                 )
                 if extra_nanos and await db.lock_org(r.org_id):  # money: read it under the lock
-                    seat = await self._seat(db, "WHERE m.id = ?", (r.member_id,))
+                    seat = await self._seat(db, r.member_id)
                     funds = (await self._books(db, seat, r.created_at_s))[1]
                 short = short_account(list(funds.accounts), extra_nanos) if extra_nanos else None
                 if short is not None:
@@ -346,7 +346,7 @@ class SqlStore:
             member_id, org_id = p.member_id, seat.org_id
             reserved_nanos, extra_reserved_nanos = p.reserved_nanos, p.extra_reserved_nanos
             if (p.billing == EXTRA or extra_reserved_nanos) and await db.lock_org(org_id):
-                seat = await self._seat(db, "WHERE m.id = ?", (member_id,))  # money, locked
+                seat = await self._seat(db, member_id)  # money, locked
             if status == "expired":  # a long stream outlived its reservation: post it late;
                 reserved_nanos = extra_reserved_nanos = 0  # the expiry already released them
             starts = (p.session_started_at_s, p.weekly_started_at_s)
@@ -498,14 +498,12 @@ class SqlStore:
             ),
         )
 
-    async def _seat(
-        self, db: Tx, where: str, params: Sequence[Any], *, lock: str | None = None
-    ) -> _SeatRow:
+    async def _seat(self, db: Tx, member_id: int, *, lock: str | None = None) -> _SeatRow:
         """The member and org rows a step decides on; `lock` names the rows to lock (PostgreSQL)."""
         row = await db.fetchrow(
-            f"SELECT {_SEAT_COLUMNS} FROM members m {_SEAT_JOINS} {where}"
+            f"SELECT {_SEAT_COLUMNS} FROM members m {_SEAT_JOINS} WHERE m.id = ?"
             + (self._db.for_update(lock) if lock else ""),
-            params,
+            (member_id,),
         )
         return _SeatRow(*row)
 
@@ -758,7 +756,7 @@ class SqlStore:
         self, member_id: int, tiers: Mapping[str, Tier], now_s: float
     ) -> MemberStatus:
         async with self._db.transaction() as db:  # one consistent view
-            seat = await self._seat(db, "WHERE m.id = ?", (member_id,))
+            seat = await self._seat(db, member_id)
             stored, funds = await self._books(db, seat, now_s)
         return MemberStatus(current_windows(tiers[seat.tier], stored, now_s), seat.member, funds)
 
@@ -767,7 +765,7 @@ class SqlStore:
         self, member_id: int, tiers: Mapping[str, Tier], now_s: float
     ) -> MemberStatus:
         async with self._db.transaction() as db:
-            seat = await self._seat(db, "WHERE m.id = ?", (member_id,), lock="m")
+            seat = await self._seat(db, member_id, lock="m")
             member, (stored, funds) = seat.member, await self._books(db, seat, now_s)
             windows = current_windows(tiers[seat.tier], stored, now_s)
             if member.extra_usage_enabled:
@@ -1223,7 +1221,8 @@ def _request_record(row: Any) -> RequestRecord:
     )
 
 
-def _starts(windows: Windows) -> Starts:
+def _starts(windows: Windows | Mapping[str, Window]) -> Starts:
+    """When the session and weekly windows began (None for a kind the tier does not have)."""
     session, weekly = windows.get(ledger.SESSION), windows.get(ledger.WEEKLY)
     return (session.started_at_s if session else None, weekly.started_at_s if weekly else None)
 

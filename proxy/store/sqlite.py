@@ -27,7 +27,8 @@ from typing import Any
 import structlog
 
 from proxy.store.base import StoreUnavailable
-from proxy.store.sql import SqlStore, to_its_end
+from proxy.store.books import Books
+from proxy.store.sql import to_its_end
 
 BUSY_TIMEOUT_MS = 1000
 BUSY_RETRY_MS = (1, 50)  # the first wait for another process's write lock, and the longest
@@ -42,7 +43,7 @@ WAL_SIZE_MAX_BYTES = 64 * 1024 * 1024
 log = structlog.get_logger("proxy.store")
 
 
-async def open_sqlite(path: str) -> SqlStore:
+async def open_sqlite(path: str) -> Books:
     if path != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, isolation_level=None, cached_statements=256)
@@ -60,7 +61,7 @@ async def open_sqlite(path: str) -> SqlStore:
     checkpointer.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     db = SqliteDatabase(conn, checkpointer)
     await db.migrate()
-    return SqlStore(db)
+    return Books(db)
 
 
 class SqliteTx:
@@ -100,6 +101,7 @@ class SqliteDatabase:
         self._checkpoint: asyncio.Future[None] | None = None
         self._finish_wanted = False  # frames were committed while the last checkpoint ran
         self._writes_held = False  # the checkpoint running is the finishing one
+        self.steps = 0  # steps begun on this connection (books.py: did another step run?)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[SqliteTx]:
@@ -111,6 +113,7 @@ class SqliteDatabase:
                 assert self._checkpoint is not None
                 await asyncio.wait([self._checkpoint])
             batch = self._batch if self._batch is not None else await self._begin()
+            self.steps += 1
             self._conn.execute("SAVEPOINT step")
             try:
                 yield SqliteTx(self._conn)
@@ -195,6 +198,10 @@ class SqliteDatabase:
         self._finish_wanted = False
         self._writes_held = True
         self._start_checkpoint()
+
+    def data_version(self) -> int:
+        """Changes when another connection commits to the file (SQLite's `data_version`)."""
+        return self._conn.execute("PRAGMA data_version").fetchone()[0]
 
     @asynccontextmanager
     async def reading(self) -> AsyncIterator[SqliteTx]:
