@@ -1,13 +1,22 @@
-"""The members' books in memory, for the SQLite store: admission and settlement read nothing.
+"""The members' books in memory, for the SQLite store: admission and settlement in microseconds.
 
 `SqlStore` reads a member's seat, windows and month spend at every admission and again at every
-settlement; on the embedded store those reads were most of the store's CPU. `Books` runs the same
-steps, the same decisions and the same writes, but answers those reads from a copy it keeps in
-step with its own writes (each write method below applies its change to the copy too).
+settlement, and writes and commits its changes before it answers. `Books` runs the same steps,
+the same decisions and the same statements, but
 
-It is never stale, because it is checked where it is used: inside the write transaction, which
-holds SQLite's one write lock, so nothing can change the file between the check and the commit.
-The copy is forgotten, and read again as steps need it, when
+- answers those reads from a copy of the books it keeps in step with its own writes (each write
+  method below applies its change to the copy too), and
+- when the copy holds what a step needs, writes the step's statements to the write-behind
+  journal (journal.py) instead of running them: one line appended to a file, durable against a
+  crash of the process once written; `SqliteDatabase` applies the lines to the tables in
+  batches, and before any other step reads or writes them.
+
+A step the copy cannot answer (a member's first request, a window of the past, the `expected`
+reservation, a reload due while lines wait) runs as a transaction, as in `SqlStore`, after the
+waiting lines, and fills the copy. So does every step when another process owns the journal.
+
+The copy = the tables + the journal's waiting lines. It is forgotten, and read again as steps
+need it, when
 
 - another connection committed since our last step (`PRAGMA data_version`: an `admin --config`
   run, a second proxy process on the same file),
@@ -16,24 +25,65 @@ The copy is forgotten, and read again as steps need it, when
   step), or
 - one of our steps failed or its group commit did (what it changed in the copy was rolled back).
 
-Only `Books`' own steps may move a window, spend or balance through the methods it mirrors
-without calling `_check` first (`_seat` and `_settling` do); every other step is counted and so
-forgets the copy.
+It is checked at each admission and settlement, and again under the write lock when a step runs
+as a transaction. Between the check and a decision nothing else runs in this process; a commit
+by another process in that instant (a limit changed by `admin --config`) applies from the next
+step: what our lines write is relative (`used = used + ?`), so neither overwrites the other.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import sqlite3
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from proxy.ledger import Window, Windows
 from proxy.settings import Tier
 from proxy.store.base import Admission, AdmissionRequest, Settled, Settlement
+from proxy.store.journal import Statement
 from proxy.store.sql import Pending, Spent, SqlStore, Starts, Tx, _SeatRow, _starts
 
 if TYPE_CHECKING:
     from proxy.store.sqlite import SqliteDatabase
+
+
+class _Miss(Exception):
+    """The copy lacks something a step needs: the step runs as a transaction instead."""
+
+
+class _Recording:
+    """The `Tx` of a step decided in memory: its writes are kept for the journal; a read (the
+    month's reloads) goes to the tables, when they hold every line."""
+
+    def __init__(self, db: SqliteDatabase) -> None:
+        self._db = db
+        self.statements: list[Statement] = []
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        self.statements.append((sql, list(params)))
+        return 1  # not known before it is applied; admission and settlement never ask
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        self.statements += [(sql, list(row)) for row in rows]
+
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        return self._read(sql, params).fetchall()
+
+    async def fetchrow(self, sql: str, params: Sequence[Any] = ()) -> Any | None:
+        return self._read(sql, params).fetchone()
+
+    def _read(self, sql: str, params: Sequence[Any]) -> sqlite3.Cursor:
+        if self._db.lines_waiting:
+            raise _Miss
+        return self._db.connection.execute(sql, params)
+
+    async def lock_org(self, org_id: str) -> bool:
+        return False
+
+    async def lock_named(self, name: str) -> None:
+        """Steps decided in memory run one at a time already."""
 
 
 class Books(SqlStore):
@@ -50,9 +100,20 @@ class Books(SqlStore):
         self._pending: dict[str, Pending] = {}  # request id -> what admission recorded
         self._steps_seen = -1
         self._version_seen = -1
+        # A step being decided in memory (never across an await), and whether it changed the copy.
+        self._in_memory = False
+        self._copy_changed = False
 
     async def admit(self, request: AdmissionRequest, tiers: Mapping[str, Tier]) -> Admission:
         try:
+            if self._sqlite.journal is not None:
+                self._begin_in_memory()
+                try:
+                    return await super().admit(request, tiers)
+                except _Miss:
+                    self._missed()
+                finally:
+                    self._in_memory = False
             return await super().admit(request, tiers)
         except BaseException:
             self._forget()  # whatever it changed in the copy may have been rolled back
@@ -60,16 +121,51 @@ class Books(SqlStore):
 
     async def settle(self, settlement: Settlement, tiers: Mapping[str, Tier]) -> Settled | None:
         try:
+            if self._sqlite.journal is not None:
+                self._begin_in_memory()
+                try:
+                    return await super().settle(settlement, tiers)
+                except _Miss:
+                    self._missed()
+                finally:
+                    self._in_memory = False
             return await super().settle(settlement, tiers)
         except BaseException:
             self._forget()
             raise
 
+    def _begin_in_memory(self) -> None:
+        self._check()
+        self._in_memory, self._copy_changed = True, False
+
+    def _missed(self) -> None:
+        """The step will run as a transaction: what it changed in the copy must not count twice."""
+        if self._copy_changed:
+            self._forget()
+
+    def _step(self) -> AbstractAsyncContextManager[Tx]:
+        return self._recorded() if self._in_memory else self._transaction()
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[Tx]:
+        """A step that runs as a transaction: the copy is checked again under the write lock."""
+        async with self._sqlite.transaction(counted=False) as tx:
+            self._check()
+            yield tx
+
+    @asynccontextmanager
+    async def _recorded(self) -> AsyncIterator[Tx]:
+        """The step's statements, once it has decided, as one line of the journal."""
+        tx = _Recording(self._sqlite)
+        yield tx
+        if tx.statements:
+            self._sqlite.write_behind(tx.statements)
+
     def _check(self) -> None:
-        """In a step, under the write lock: forget the copy if anything but our own steps may
-        have changed the file since the last one."""
+        """Forget the copy if a step not its own (counted by `SqliteDatabase.steps`) or another
+        connection (`data_version`) wrote since the last check."""
         steps, version = self._sqlite.steps, self._sqlite.data_version()
-        if steps - self._steps_seen > 1 or version != self._version_seen:
+        if steps != self._steps_seen or version != self._version_seen:
             self._forget()
         self._steps_seen, self._version_seen = steps, version
 
@@ -83,9 +179,12 @@ class Books(SqlStore):
     # -- reads, answered from the copy
 
     async def _seat(self, db: Tx, member_id: int, *, lock: str | None = None) -> _SeatRow:
-        self._check()
+        if not self._in_memory:
+            self._check()  # continuing, status: steps of SqlStore's that read the seat
         seat = self._seats.get(member_id)
         if seat is None:
+            if self._in_memory:
+                raise _Miss
             seat = self._seats[member_id] = await super()._seat(db, member_id, lock=lock)
             self._money[seat.org_id] = _money_of(seat)
             return seat
@@ -107,25 +206,38 @@ class Books(SqlStore):
         org_key, member_key = (seat.org_id, 0, month), (seat.org_id, member_id, month)
         org_spent, member_spent = self._spent.get(org_key), self._spent.get(member_key)
         if windows is None or org_spent is None or member_spent is None:
+            if self._in_memory:
+                raise _Miss
             windows, spent = await super()._stored(db, seat, month, None)
             self._windows[member_id] = windows
             org_spent = self._spent[org_key] = spent[0]
             member_spent = self._spent[member_key] = spent[member_id]
         if starts is not None and starts != _starts(windows):
+            if self._in_memory:
+                raise _Miss
             return await super()._stored(db, seat, month, starts)  # windows of the past
         return dict(windows), {0: org_spent, member_id: member_spent}
 
     async def _settling(self, db: Tx, request_id: str) -> tuple[Pending, str, _SeatRow] | None:
-        self._check()
-        pending = self._pending.pop(request_id, None)
+        pending = self._pending.get(request_id)
         if pending is None:  # admitted before the copy was last forgotten: read it
+            if self._in_memory:
+                raise _Miss
             return await super()._settling(db, request_id)
+        del self._pending[request_id]
+        self._copy_changed = True
         return pending, "pending", await self._seat(db, pending.member_id)
 
-    # -- writes, applied to the copy too
+    async def _reservation(self, db: Tx, r: AdmissionRequest, mode: str) -> int:
+        if mode == "expected" and self._in_memory:
+            raise _Miss  # it reads the member's recent requests from the tables
+        return await super()._reservation(db, r, mode)
+
+    # -- writes, applied to the copy too (each marks it changed)
 
     async def _open(self, db: Tx, member_id: int, windows: Windows) -> None:
         await super()._open(db, member_id, windows)
+        self._copy_changed = True
         newest = self._windows.get(member_id)
         if newest is not None:
             for kind in windows.opened:
@@ -136,18 +248,23 @@ class Books(SqlStore):
         self, db: Tx, member_id: int, starts: Starts, used_nanos: int, reserved_nanos: int
     ) -> None:
         await super()._move_windows(db, member_id, starts, used_nanos, reserved_nanos)
+        self._copy_changed = True
         newest = self._windows.get(member_id)
         if newest is not None:
             for kind, window in newest.items():
                 if window.started_at_s in starts:  # as the UPDATE's `started_at_s IN (?, ?)`
-                    newest[kind] = replace(
-                        window,
-                        used_nanos=window.used_nanos + used_nanos,
-                        reserved_nanos=window.reserved_nanos + reserved_nanos,
+                    newest[kind] = Window(
+                        kind,
+                        window.started_at_s,
+                        window.ends_at_s,
+                        0,  # limits are not stored (the tier of the day supplies them)
+                        window.used_nanos + used_nanos,
+                        window.reserved_nanos + reserved_nanos,
                     )
 
     async def _set_consent(self, db: Tx, member_id: int, until_s: float | None) -> None:
         await super()._set_consent(db, member_id, until_s)
+        self._copy_changed = True
         seat = self._seats.get(member_id)
         if seat is not None:
             self._seats[member_id] = replace(seat, consent_until_s=until_s)
@@ -162,6 +279,7 @@ class Books(SqlStore):
         reserved_nanos: int,
     ) -> None:
         await super()._move_spend(db, org_id, member_id, month, posted_nanos, reserved_nanos)
+        self._copy_changed = True
         for key in ((org_id, 0, month), (org_id, member_id, month)):
             had = self._spent.get(key)
             if had is not None:
@@ -179,6 +297,7 @@ class Books(SqlStore):
         await super()._move_balance(
             db, org_id, spent_nanos, reserved_nanos, reload_pending=reload_pending
         )
+        self._copy_changed = True
         money = self._money.get(org_id)
         if money is not None:
             balance_nanos, held_nanos, pending = money
@@ -190,6 +309,7 @@ class Books(SqlStore):
 
     async def _record_admission(self, db: Tx, r: AdmissionRequest, p: Pending) -> None:
         await super()._record_admission(db, r, p)
+        self._copy_changed = True
         self._pending[r.request_id] = p
 
 

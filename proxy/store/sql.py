@@ -268,7 +268,7 @@ class SqlStore:
     @_atomic
     async def admit(self, request: AdmissionRequest, tiers: Mapping[str, Tier]) -> Admission:
         r = request
-        async with self._db.transaction() as db:
+        async with self._step() as db:
             seat = await self._seat(db, r.member_id, lock="m")
             tier, member = tiers[seat.tier], seat.member
             stored, funds = await self._books(db, seat, r.created_at_s)
@@ -338,7 +338,7 @@ class SqlStore:
     async def settle(self, settlement: Settlement, tiers: Mapping[str, Tier]) -> Settled | None:
         s = settlement
         usage = s.usage or Usage()
-        async with self._db.transaction() as db:
+        async with self._step() as db:
             found = await self._settling(db, s.request_id)
             if found is None:  # settled already
                 return None
@@ -777,6 +777,10 @@ class SqlStore:
     async def secret(self, name: str) -> str:
         rows = await self._read("SELECT value FROM secrets WHERE name = ?", (name,))
         return rows[0][0]
+
+    def _step(self) -> AbstractAsyncContextManager[Tx]:
+        """The transaction of an admission or a settlement (books.py decides them in memory)."""
+        return self._db.transaction()
 
     # -- the writes of admission and settlement (books.py keeps its copy of the books in step)
 

@@ -28,6 +28,7 @@ import structlog
 
 from proxy.store.base import StoreUnavailable
 from proxy.store.books import Books
+from proxy.store.journal import Journal, Record, Statement
 from proxy.store.sql import to_its_end
 
 BUSY_TIMEOUT_MS = 1000
@@ -39,6 +40,12 @@ BUSY_RETRY_MS = (1, 50)  # the first wait for another process's write lock, and 
 CHECKPOINT_COMMITS = 500
 # After the WAL starts over, its file is cut back to this size (else it keeps its largest size).
 WAL_SIZE_MAX_BYTES = 64 * 1024 * 1024
+# The write-behind journal (journal.py) next to the database file: its lines reach the tables
+# within APPLY_AFTER_S, in one transaction, or sooner when a step needs them there; the file
+# starts over once it holds more than JOURNAL_SIZE_MAX_BYTES, all of it applied.
+JOURNAL_SUFFIX = "-writes"
+APPLY_AFTER_S = 0.02
+JOURNAL_SIZE_MAX_BYTES = 1024 * 1024
 
 log = structlog.get_logger("proxy.store")
 
@@ -59,8 +66,10 @@ async def open_sqlite(path: str) -> Books:
         conn.execute(f"PRAGMA {pragma}")
     checkpointer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     checkpointer.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-    db = SqliteDatabase(conn, checkpointer)
+    journal = Journal.open(path + JOURNAL_SUFFIX) if path != ":memory:" else None
+    db = SqliteDatabase(conn, checkpointer, journal)
     await db.migrate()
+    await db.replay()
     return Books(db)
 
 
@@ -92,8 +101,18 @@ class SqliteDatabase:
     yields_mid_transaction = False
     slice_start_sql = "CAST({instant} / {slice_s} AS INTEGER) * {slice_s}"
 
-    def __init__(self, conn: sqlite3.Connection, checkpointer: sqlite3.Connection) -> None:
-        self._conn = conn
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        checkpointer: sqlite3.Connection,
+        journal: Journal | None = None,
+    ) -> None:
+        self.connection = self._conn = conn
+        self.journal = journal  # None: another process owns it (or an in-memory database)
+        self._queue: list[Record] = []  # journal lines not yet applied to the tables
+        self._applying: list[Record] = []  # applied in the open transaction, not committed yet
+        self._seq = 0  # the number of the last line written
+        self._apply_timer: asyncio.TimerHandle | None = None
         self._lock = asyncio.Lock()
         self._checkpointer = checkpointer  # used by one worker thread at a time
         self._commits = 0
@@ -101,19 +120,21 @@ class SqliteDatabase:
         self._checkpoint: asyncio.Future[None] | None = None
         self._finish_wanted = False  # frames were committed while the last checkpoint ran
         self._writes_held = False  # the checkpoint running is the finishing one
-        self.steps = 0  # steps begun on this connection (books.py: did another step run?)
+        self.steps = 0  # counted steps begun (books.py: did a step not its own run?)
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[SqliteTx]:
+    async def transaction(self, *, counted: bool = True) -> AsyncIterator[SqliteTx]:
         """A step: a savepoint in the write transaction of this turn of the event loop, which
         commits once at the turn's end for every step that ran in it (group commit: one COMMIT,
-        each changed page written once). The step returns once that commit is done."""
+        each changed page written once). The step returns once that commit is done. The
+        journal's waiting lines are applied first, so the step sees everything acknowledged."""
         async with self._lock:
             if self._batch is None and self._writes_held:
                 assert self._checkpoint is not None
                 await asyncio.wait([self._checkpoint])
             batch = self._batch if self._batch is not None else await self._begin()
-            self.steps += 1
+            self._apply_queue()
+            self.steps += counted
             self._conn.execute("SAVEPOINT step")
             try:
                 yield SqliteTx(self._conn)
@@ -131,22 +152,131 @@ class SqliteDatabase:
         loop = asyncio.get_running_loop()
         deadline_s = loop.time() + BUSY_TIMEOUT_MS / 1000
         pause_s, longest_s = (ms / 1000 for ms in BUSY_RETRY_MS)
-        while True:
-            try:
-                self._conn.execute("BEGIN IMMEDIATE")
-                break
-            except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
-                    raise
-                if loop.time() + pause_s > deadline_s:
-                    raise StoreUnavailable(
-                        f"the SQLite store stayed locked by another process for {BUSY_TIMEOUT_MS} ms"
-                    ) from None
+        while (batch := self._try_begin()) is None:
+            if loop.time() + pause_s > deadline_s:
+                raise StoreUnavailable(
+                    f"the SQLite store stayed locked by another process for {BUSY_TIMEOUT_MS} ms"
+                )
             await asyncio.sleep(pause_s)
             pause_s = min(2 * pause_s, longest_s)
-        self._batch = batch = loop.create_future()
         loop.call_soon(self._commit)
         return batch
+
+    def _try_begin(self) -> asyncio.Future[None] | None:
+        """BEGIN IMMEDIATE; None while another process holds the write lock."""
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+                raise
+            return None
+        self._batch = asyncio.get_running_loop().create_future()
+        return self._batch
+
+    # -- the write-behind journal
+
+    @property
+    def lines_waiting(self) -> bool:
+        """Journal lines not in the tables yet (a read of the tables would miss them)."""
+        return bool(self._queue)
+
+    def write_behind(self, statements: list[Statement]) -> None:
+        """A step decided in memory (books.py): its line in the journal now, its statements in
+        the tables within APPLY_AFTER_S, or at the next step that reads or writes them."""
+        assert self.journal is not None
+        seq = self._seq + 1
+        try:
+            self.journal.append(seq, statements)
+        except OSError as exc:
+            raise StoreUnavailable(
+                f"the SQLite store's journal could not be written: {exc}"
+            ) from None
+        self._seq = seq
+        self._queue.append((seq, statements))
+        if self._apply_timer is None:
+            loop = asyncio.get_running_loop()
+            self._apply_timer = loop.call_later(APPLY_AFTER_S, self._apply_now)
+
+    def _apply_queue(self) -> None:
+        """In the open write transaction: run the journal's waiting records, in order, and
+        record the last one's number with them. A record that breaks a constraint can never
+        apply (a bug): it is logged and left out. Any other failure leaves them all waiting."""
+        if not self._queue:
+            return
+        records, self._queue = self._queue, []
+        execute = self._conn.execute
+        execute("SAVEPOINT journal")
+        try:
+            try:
+                for _, statements in records:
+                    for sql, params in statements:
+                        execute(sql, params)
+            except sqlite3.IntegrityError:
+                execute("ROLLBACK TO journal")
+                self._apply_one_by_one(records)
+            execute("UPDATE journal_applied SET seq = ?", (records[-1][0],))
+        except sqlite3.Error as exc:
+            execute("ROLLBACK TO journal")
+            execute("RELEASE journal")
+            self._queue[:0] = records
+            raise StoreUnavailable(f"the SQLite store could not apply its journal: {exc}") from None
+        execute("RELEASE journal")
+        self._applying += records
+
+    def _apply_one_by_one(self, records: list[Record]) -> None:
+        """Each record in a savepoint of its own, leaving out those that break a constraint."""
+        execute = self._conn.execute
+        for seq, statements in records:
+            execute("SAVEPOINT record")
+            try:
+                for sql, params in statements:
+                    execute(sql, params)
+            except sqlite3.IntegrityError as exc:
+                execute("ROLLBACK TO record")
+                log.error("journal_record_failed", seq=seq, error=str(exc))
+            execute("RELEASE record")
+
+    def _apply_now(self) -> None:
+        """The journal's lines have waited APPLY_AFTER_S: apply and commit them now, unless a
+        step is waiting for the write lock (then try again later)."""
+        self._apply_timer = None
+        if not self._queue:
+            return
+        loop = asyncio.get_running_loop()
+        if self._lock.locked() or self._writes_held:
+            self._apply_timer = loop.call_later(APPLY_AFTER_S, self._apply_now)
+            return
+        batch = self._batch if self._batch is not None else self._try_begin()
+        if batch is None:  # another process writes
+            self._apply_timer = loop.call_later(APPLY_AFTER_S, self._apply_now)
+            return
+        try:
+            self._apply_queue()
+        except StoreUnavailable as exc:
+            log.warning("journal_apply_failed", error=str(exc))
+        self._commit()
+        if batch.done() and not batch.cancelled() and batch.exception() is not None:
+            self._apply_timer = loop.call_later(APPLY_AFTER_S, self._apply_now)
+
+    async def replay(self) -> None:
+        """At start-up: apply the journal's lines that a stopped process left unapplied."""
+        if self.journal is None:
+            return
+        records = self.journal.records()
+        applied_seq = self._conn.execute("SELECT seq FROM journal_applied").fetchone()[0]
+        self._seq = max([applied_seq, *(seq for seq, _ in records)])
+        self._queue = [record for record in records if record[0] > applied_seq]
+        if self._queue:
+            log.info("journal_replayed", records=len(self._queue), last_seq=self._seq)
+            await self.flush()
+        self.journal.truncate()
+
+    async def flush(self) -> None:
+        """Apply and commit every waiting record now (a reader in another process, such as
+        a test, then sees it in the tables)."""
+        if self._queue:
+            async with self.transaction(counted=False):
+                pass
 
     def _commit(self) -> None:
         batch, self._batch = self._batch, None
@@ -158,9 +288,14 @@ class SqliteDatabase:
             log.error("sqlite_commit_failed", error=str(exc))
             with contextlib.suppress(sqlite3.Error):  # SQLite may have rolled back already
                 self._conn.execute("ROLLBACK")
+            self._queue[:0], self._applying = self._applying, []  # still to apply
             batch.set_exception(StoreUnavailable(f"the SQLite store could not commit: {exc}"))
             return
         batch.set_result(None)
+        self._applying = []
+        journal = self.journal
+        if journal is not None and not self._queue and journal.size_bytes > JOURNAL_SIZE_MAX_BYTES:
+            journal.truncate()  # every line in it is in the tables
         self._commits += 1
         if self._finish_wanted:
             self._finish_checkpoint()
@@ -205,6 +340,7 @@ class SqliteDatabase:
 
     @asynccontextmanager
     async def reading(self) -> AsyncIterator[SqliteTx]:
+        await self.flush()  # a read sees what the journal acknowledged
         async with self._lock:
             yield SqliteTx(self._conn)
 
@@ -239,6 +375,18 @@ class SqliteDatabase:
 
     async def close(self) -> None:
         self._commit()
+        if self._apply_timer is not None:
+            self._apply_timer.cancel()
+        if self._queue:
+            try:
+                await self.flush()
+            except StoreUnavailable as exc:  # the records stay in the journal for the next start
+                log.error("journal_not_applied_at_close", records=len(self._queue), error=str(exc))
+        if self.journal is not None:
+            if not self._queue:
+                self.journal.truncate()
+            self.journal.close()
+            self.journal = None  # closing twice closes nothing more
         while self._checkpoint is not None:  # a checkpoint's end may start its finishing one
             await asyncio.wait([self._checkpoint])
         self._checkpointer.close()

@@ -96,6 +96,7 @@ class LedgerMachine(RuleBasedStateMachine):
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def rows(self, sql: str, params: tuple = ()) -> list[tuple]:
+        self.run(self.store.database.flush())  # the journal's records into the tables
         with sqlite3.connect(self.folder / "l.db") as db:
             return db.execute(sql, params).fetchall()
 
