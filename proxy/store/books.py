@@ -7,28 +7,27 @@ the same decisions and the same statements, but
 - answers those reads from a copy of the books it keeps in step with its own writes (each write
   method below applies its change to the copy too), and
 - when the copy holds what a step needs, writes the step's statements to the write-behind
-  journal (journal.py) instead of running them: one line appended to a file, durable against a
-  crash of the process once written; `SqliteDatabase` applies the lines to the tables in
+  journal (journal.py) instead of running them: one record appended to a file, durable against a
+  crash of the process once written; `SqliteDatabase` applies the records to the tables in
   batches, and before any other step reads or writes them.
 
 A step the copy cannot answer (a member's first request, a window of the past, the `expected`
-reservation, a reload due while lines wait) runs as a transaction, as in `SqlStore`, after the
-waiting lines, and fills the copy. So does every step when another process owns the journal.
+reservation, a reload due while records wait) runs as a transaction, as in `SqlStore`, after the
+waiting records, and fills the copy. So does every step when another process owns the journal.
 
-The copy = the tables + the journal's waiting lines. It is forgotten, and read again as steps
+The copy = the tables + the journal's waiting records. It is forgotten, and read again as steps
 need it, when
 
 - another connection committed since our last step (`PRAGMA data_version`: an `admin --config`
   run, a second proxy process on the same file),
-- a step of ours other than admission, settlement, continuing and status ran since (admin
-  changes, purchases, reloads, the reservation sweeper: `SqliteDatabase.steps` counts every
-  step), or
+- a step other than admission and settlement ran since (admin changes, purchases, reloads,
+  continuing on extra usage, the reservation sweeper: `SqliteDatabase.steps` counts them), or
 - one of our steps failed or its group commit did (what it changed in the copy was rolled back).
 
 It is checked at each admission and settlement, and again under the write lock when a step runs
 as a transaction. Between the check and a decision nothing else runs in this process; a commit
 by another process in that instant (a limit changed by `admin --config`) applies from the next
-step: what our lines write is relative (`used = used + ?`), so neither overwrites the other.
+step: what our records write is relative (`used = used + ?`), so neither overwrites the other.
 """
 
 from __future__ import annotations
@@ -55,7 +54,7 @@ class _Miss(Exception):
 
 class _Recording:
     """The `Tx` of a step decided in memory: its writes are kept for the journal; a read (the
-    month's reloads) goes to the tables, when they hold every line."""
+    month's reloads) goes to the tables, when they hold every record."""
 
     def __init__(self, db: SqliteDatabase) -> None:
         self._db = db
@@ -75,7 +74,7 @@ class _Recording:
         return self._read(sql, params).fetchone()
 
     def _read(self, sql: str, params: Sequence[Any]) -> sqlite3.Cursor:
-        if self._db.lines_waiting:
+        if self._db.records_waiting:
             raise _Miss
         return self._db.connection.execute(sql, params)
 
@@ -155,7 +154,7 @@ class Books(SqlStore):
 
     @asynccontextmanager
     async def _recorded(self) -> AsyncIterator[Tx]:
-        """The step's statements, once it has decided, as one line of the journal."""
+        """The step's statements, once it has decided, as one record of the journal."""
         tx = _Recording(self._sqlite)
         yield tx
         if tx.statements:

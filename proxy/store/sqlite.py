@@ -11,6 +11,11 @@ the event loop share one transaction, each in a savepoint, committed at the end 
 followed by a short one with writes held so that the WAL can start over. While another process
 holds the write lock (an `admin --config` run), a step waits for it without blocking the loop,
 trying again for up to BUSY_TIMEOUT_MS, then fails as the store being unavailable.
+
+Admissions and settlements that `Books` (books.py) decides in memory are not steps here: their
+statements are records of the write-behind journal (journal.py), which `write_behind` appends
+and which reach the tables within APPLY_AFTER_S in one transaction (`_apply_now`), or at the
+start of the next step or read, whichever comes first; replayed at start-up.
 """
 
 from __future__ import annotations
@@ -40,9 +45,9 @@ BUSY_RETRY_MS = (1, 50)  # the first wait for another process's write lock, and 
 CHECKPOINT_COMMITS = 500
 # After the WAL starts over, its file is cut back to this size (else it keeps its largest size).
 WAL_SIZE_MAX_BYTES = 64 * 1024 * 1024
-# The write-behind journal (journal.py) next to the database file: its lines reach the tables
-# within APPLY_AFTER_S, in one transaction, or sooner when a step needs them there; the file
-# starts over once it holds more than JOURNAL_SIZE_MAX_BYTES, all of it applied.
+# The write-behind journal (journal.py) next to the database file: its records reach the tables
+# within APPLY_AFTER_S, many in one transaction, or sooner when a step needs them there; the
+# file starts over once it holds more than JOURNAL_SIZE_MAX_BYTES, all of it applied.
 JOURNAL_SUFFIX = "-writes"
 APPLY_AFTER_S = 0.02
 JOURNAL_SIZE_MAX_BYTES = 1024 * 1024
@@ -109,9 +114,9 @@ class SqliteDatabase:
     ) -> None:
         self.connection = self._conn = conn
         self.journal = journal  # None: another process owns it (or an in-memory database)
-        self._queue: list[Record] = []  # journal lines not yet applied to the tables
+        self._queue: list[Record] = []  # journal records not yet applied to the tables
         self._applying: list[Record] = []  # applied in the open transaction, not committed yet
-        self._seq = 0  # the number of the last line written
+        self._seq = 0  # the number of the last record written
         self._apply_timer: asyncio.TimerHandle | None = None
         self._lock = asyncio.Lock()
         self._checkpointer = checkpointer  # used by one worker thread at a time
@@ -127,7 +132,7 @@ class SqliteDatabase:
         """A step: a savepoint in the write transaction of this turn of the event loop, which
         commits once at the turn's end for every step that ran in it (group commit: one COMMIT,
         each changed page written once). The step returns once that commit is done. The
-        journal's waiting lines are applied first, so the step sees everything acknowledged."""
+        journal's waiting records are applied first, so the step sees everything acknowledged."""
         async with self._lock:
             if self._batch is None and self._writes_held:
                 assert self._checkpoint is not None
@@ -176,13 +181,13 @@ class SqliteDatabase:
     # -- the write-behind journal
 
     @property
-    def lines_waiting(self) -> bool:
-        """Journal lines not in the tables yet (a read of the tables would miss them)."""
+    def records_waiting(self) -> bool:
+        """Journal records not in the tables yet (a read of the tables would miss them)."""
         return bool(self._queue)
 
     def write_behind(self, statements: list[Statement]) -> None:
-        """A step decided in memory (books.py): its line in the journal now, its statements in
-        the tables within APPLY_AFTER_S, or at the next step that reads or writes them."""
+        """A step decided in memory (books.py): its record in the journal now, its statements
+        in the tables within APPLY_AFTER_S, or at the next step that reads or writes them."""
         assert self.journal is not None
         seq = self._seq + 1
         try:
@@ -237,7 +242,7 @@ class SqliteDatabase:
             execute("RELEASE record")
 
     def _apply_now(self) -> None:
-        """The journal's lines have waited APPLY_AFTER_S: apply and commit them now, unless a
+        """The journal's records have waited APPLY_AFTER_S: apply and commit them now, unless a
         step is waiting for the write lock (then try again later)."""
         self._apply_timer = None
         if not self._queue:
@@ -255,11 +260,11 @@ class SqliteDatabase:
         except StoreUnavailable as exc:
             log.warning("journal_apply_failed", error=str(exc))
         self._commit()
-        if batch.done() and not batch.cancelled() and batch.exception() is not None:
+        if batch.exception() is not None or self._queue:  # (marks the failure as seen)
             self._apply_timer = loop.call_later(APPLY_AFTER_S, self._apply_now)
 
     async def replay(self) -> None:
-        """At start-up: apply the journal's lines that a stopped process left unapplied."""
+        """At start-up: apply the journal's records that a stopped process left unapplied."""
         if self.journal is None:
             return
         records = self.journal.records()
@@ -295,7 +300,7 @@ class SqliteDatabase:
         self._applying = []
         journal = self.journal
         if journal is not None and not self._queue and journal.size_bytes > JOURNAL_SIZE_MAX_BYTES:
-            journal.truncate()  # every line in it is in the tables
+            journal.truncate()  # every record in it is in the tables
         self._commits += 1
         if self._finish_wanted:
             self._finish_checkpoint()

@@ -40,7 +40,7 @@ async def test_a_step_the_books_can_decide_is_a_journal_record_until_applied(tmp
     assert in_tables(path, "SELECT status FROM requests WHERE id = 'first'") == [("pending",)]
 
     await store.admit(asking(member_id, "second", 1_000), TIERS)  # decided in memory
-    assert store.database.lines_waiting
+    assert store.database.records_waiting
     assert in_tables(path, "SELECT status FROM requests WHERE id = 'second'") == []
     assert len(read_records(f"{path}{JOURNAL_SUFFIX}")) == 1  # on disk before admit returned
 
@@ -69,7 +69,7 @@ async def main():
         await store.admit(asking(member_id, f"r{{n}}", 1_000), TIERS)
         await store.settle(settling(f"r{{n}}", 700), TIERS)
     await store.admit(asking(member_id, "in-flight", 1_000), TIERS)
-    assert store.database.lines_waiting
+    assert store.database.records_waiting
     os._exit(0)  # as kill -9: no close, nothing applied
 
 asyncio.run(main())
