@@ -49,7 +49,7 @@ WAL_SIZE_MAX_BYTES = 64 * 1024 * 1024
 # within APPLY_AFTER_S, many in one transaction, or sooner when a step needs them there; the
 # file starts over once it holds more than JOURNAL_SIZE_MAX_BYTES, all of it applied.
 JOURNAL_SUFFIX = "-writes"
-APPLY_AFTER_S = 0.02
+APPLY_AFTER_S = 0.01
 JOURNAL_SIZE_MAX_BYTES = 1024 * 1024
 
 log = structlog.get_logger("proxy.store")
