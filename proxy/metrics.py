@@ -166,7 +166,8 @@ class Metrics:
                 counters = [self.tokens.labels(model, kind) for kind, _ in TOKEN_KINDS]
                 self._tokens_by_model[model] = counters
             for counter, (_, name) in zip(counters, TOKEN_KINDS, strict=True):
-                counter.inc(getattr(ex.usage, name))
+                if tokens := getattr(ex.usage, name):  # inc(0) changes nothing, and locks
+                    counter.inc(tokens)
         key = (model, ex.billing)
         cost = self._cost_by_labels.get(key)
         if cost is None:
