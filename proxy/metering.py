@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 
 @dataclass(frozen=True, slots=True)
 class Usage:
@@ -39,7 +41,7 @@ class Usage:
         total of `message_start` without its breakdown). `output_tokens` is cumulative in the API,
         so a later value replaces an earlier one.
         """
-        base = base or cls()
+        base = base or NO_USAGE
         breakdown = usage.get("cache_creation")
         if isinstance(breakdown, dict):
             write_5m = _count(breakdown.get("ephemeral_5m_input_tokens"))
@@ -72,6 +74,9 @@ class Usage:
         )
 
 
+NO_USAGE = Usage()  # frozen: shared, not built anew for every stream (a dataclass init, ~1 us)
+
+
 def _count(value: Any) -> int:
     """A token count from the wire: a non-negative int, anything else counts as 0."""
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
@@ -85,14 +90,51 @@ def _pick(usage: dict[str, Any], name: str, default: int) -> int:
 
 def usage_from_body(body: bytes) -> Usage | None:
     """Usage of a non-streaming Messages response; None when the body is not JSON or has none."""
-    try:
-        payload = json.loads(body)
-    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        return None
+    payload = parse_json(body)
     if not isinstance(payload, dict):
         return None
     usage = payload.get("usage")
     return Usage.from_api(usage) if isinstance(usage, dict) else None
+
+
+def parse_json(raw: bytes) -> Any:
+    """What `json.loads` reads from `raw` (None where it fails), in a third of its time.
+
+    orjson where it agrees with the stdlib; the stdlib for what orjson refuses (NaN, a lone
+    surrogate, a BOM, nesting past 1,024) and where orjson reads differently: an integer beyond
+    64 bits becomes a float there, and the only numbers read here are the usage counts.
+    """
+    try:
+        payload = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return _stdlib_json(raw)
+    return _stdlib_json(raw) if _has_float_count(payload) else payload
+
+
+def _stdlib_json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError; nesting
+        return None
+
+
+def _has_float_count(payload: Any) -> bool:
+    """A float among the usage counts of a message or a message_start (`message.usage`) or of a
+    message_delta (`usage`): there orjson may have read an integer beyond 64 bits."""
+    if not isinstance(payload, dict):
+        return False
+    usage = payload.get("usage")
+    if not isinstance(usage, dict):
+        message = payload.get("message")
+        usage = message.get("usage") if isinstance(message, dict) else None
+        if not isinstance(usage, dict):
+            return False
+    for value in usage.values():
+        if type(value) is float:
+            return True
+        if type(value) is dict and any(type(inner) is float for inner in value.values()):
+            return True
+    return False
 
 
 # Events whose data the meter reads; any other named event (ping, content_block_start/stop, new
@@ -131,7 +173,7 @@ class SseMeter:
     )
 
     def __init__(self) -> None:
-        self.usage = Usage()
+        self.usage = NO_USAGE
         self.completed = False  # message_stop seen
         self.error_type: str | None = None  # error.type of an `error` event
         self.saw_message_start = False
@@ -145,46 +187,41 @@ class SseMeter:
 
     def feed(self, chunk: bytes) -> None:
         """Read the next bytes of the stream."""
-        newline = chunk.find(b"\n")
-        if newline < 0:
-            self._pending += chunk
-            return
         if self._pending:
+            newline = chunk.find(b"\n")
+            if newline < 0:
+                self._pending += chunk
+                return
             self._pending += chunk[:newline]
-            line = bytes(self._pending)
+            lines = chunk[newline + 1 :].split(b"\n")
+            lines.insert(0, bytes(self._pending))
             self._pending.clear()
-            self._line(line)
         else:
-            self._line(chunk[:newline])
-        start = newline + 1
-        while (newline := chunk.find(b"\n", start)) >= 0:
-            self._line(chunk[start:newline])
-            start = newline + 1
-        if start < len(chunk):
-            self._pending += chunk[start:]
+            lines = chunk.split(b"\n")
+        tail = lines.pop()  # after the last newline: an unfinished line, or b""
+        crlf = b"\r" in chunk or (lines and lines[0][-1:] == b"\r")
+        # One event is three lines (event:, data:, blank): read inline, not one call a line.
+        for line in lines:
+            if crlf and line[-1:] == b"\r":
+                line = line[:-1]
+            if not line:
+                self._dispatch()
+            elif line[:5] == b"data:":  # the field is what comes before the first colon
+                if not self._skip:
+                    self._data.append(line[6:] if line[5:6] == b" " else line[5:])
+            elif line[:6] == b"event:":
+                name = line[7:] if line[6:7] == b" " else line[6:]
+                self._event = name
+                self._skip = name not in _READ_EVENTS
+                if self._skip:
+                    self._data.clear()
+            # comments (":..."), id: and retry: carry nothing to meter
+        if tail:
+            self._pending += tail
 
     def relayed_text(self) -> str:
         """The text of every content delta seen (text, tool input JSON, thinking), joined."""
         return "".join(self._texts)
-
-    def _line(self, line: bytes) -> None:
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        if not line:
-            self._dispatch()
-            return
-        field, _, value = line.partition(b":")
-        if value.startswith(b" "):
-            value = value[1:]
-        if field == b"data":
-            if not self._skip:
-                self._data.append(value)
-        elif field == b"event":
-            self._event = value
-            self._skip = value not in _READ_EVENTS
-            if self._skip:
-                self._data.clear()
-        # comments (":..."), id: and retry: carry nothing to meter
 
     def _dispatch(self) -> None:
         """A blank line ends an event: act on it, then start the next."""
@@ -201,22 +238,33 @@ class SseMeter:
         raw = data[0] if len(data) == 1 else b"\n".join(data)
         data.clear()
         try:
-            payload = json.loads(raw)
-        except (ValueError, RecursionError):
+            payload = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            payload = _stdlib_json(raw)
+        if not isinstance(payload, dict):
             return
-        if isinstance(payload, dict):
+        if payload.get("type") == "content_block_delta":  # most events: no counts to check
+            self._read_delta(payload)
+        elif _has_float_count(payload):
+            payload = _stdlib_json(raw)
+            if isinstance(payload, dict):
+                self._read(payload)
+        else:
             self._read(payload)
+
+    def _read_delta(self, payload: dict[str, Any]) -> None:
+        delta = payload.get("delta")
+        if isinstance(delta, dict):
+            delta_type = delta.get("type")
+            field = _DELTA_TEXT_FIELDS.get(delta_type) if isinstance(delta_type, str) else None
+            text = delta.get(field) if field else None
+            if isinstance(text, str) and text:
+                self._texts.append(text)
 
     def _read(self, payload: dict[str, Any]) -> None:
         kind = payload.get("type")
         if kind == "content_block_delta":
-            delta = payload.get("delta")
-            if isinstance(delta, dict):
-                delta_type = delta.get("type")
-                field = _DELTA_TEXT_FIELDS.get(delta_type) if isinstance(delta_type, str) else None
-                text = delta.get(field) if field else None
-                if isinstance(text, str) and text:
-                    self._texts.append(text)
+            self._read_delta(payload)
         elif kind == "message_delta":
             usage = payload.get("usage")
             if isinstance(usage, dict):

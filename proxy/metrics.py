@@ -129,12 +129,22 @@ class Metrics:
             "replicas when they share one).",
             registry=r,
         )
-        # model -> its token counters in TOKEN_KINDS order (labels() costs ~2 us a call)
+        # Labelled children, looked up once (labels() costs ~1 us a call); their keys are the
+        # labels' own values, so these are bounded as the label sets are.
+        # model -> its token counters in TOKEN_KINDS order
         self._tokens_by_model: dict[str, list[Counter]] = {}
+        self._requests_by_labels: dict[tuple[str, str, int], Counter] = {}
+        self._cost_by_labels: dict[tuple[str, str], Counter] = {}
 
     def observe(self, ex: Exchange, *, route: str, status: int, duration_s: float) -> None:
         """Record one finished request (called once, from the middleware's `finally`)."""
-        self.requests.labels(route, ex.outcome, str(status)).inc()
+        key = (route, ex.outcome, status)
+        requests = self._requests_by_labels.get(key)
+        if requests is None:
+            requests = self._requests_by_labels[key] = self.requests.labels(
+                route, ex.outcome, str(status)
+            )
+        requests.inc()
         if ex.outcome.startswith(REFUSED):
             self.refusals.labels(limit=ex.outcome.removeprefix(REFUSED)).inc()
         if ex.upstream_ms is not None:
@@ -156,8 +166,13 @@ class Metrics:
                 counters = [self.tokens.labels(model, kind) for kind, _ in TOKEN_KINDS]
                 self._tokens_by_model[model] = counters
             for counter, (_, name) in zip(counters, TOKEN_KINDS, strict=True):
-                counter.inc(getattr(ex.usage, name))
-        self.cost.labels(model, ex.billing).inc(ex.cost_nanos)
+                if tokens := getattr(ex.usage, name):  # inc(0) changes nothing, and locks
+                    counter.inc(tokens)
+        key = (model, ex.billing)
+        cost = self._cost_by_labels.get(key)
+        if cost is None:
+            cost = self._cost_by_labels[key] = self.cost.labels(model, ex.billing)
+        cost.inc(ex.cost_nanos)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

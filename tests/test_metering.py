@@ -318,6 +318,32 @@ def test_multi_line_data_is_joined_with_newlines() -> None:
     assert meter_of(stream, whole).usage == Usage(input_tokens=2, output_tokens=5)
 
 
+@pytest.mark.parametrize("chunking", CHUNKINGS, ids=lambda chunking: chunking.__name__)
+def test_stream_reads_json_as_the_stdlib_does(chunking: Callable[[bytes], Iterator[bytes]]) -> None:
+    """orjson reads the events; the stdlib where orjson would read otherwise or refuse."""
+    stream = sse(
+        message_start({"input_tokens": 10**20, "output_tokens": 1}),
+        (
+            "content_block_delta",
+            '{"type":"content_block_delta","delta":{"type":"text_delta","text":"a\\ud800b"}}',
+        ),
+        (
+            "content_block_delta",
+            '{"type":"content_block_delta","index":NaN,"delta":{"type":"text_delta","text":"c"}}',
+        ),
+        (
+            "content_block_delta",
+            {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "d\u00e9"}},
+        ),
+        message_delta({"output_tokens": 2**64 + 1}),
+    )
+
+    meter = meter_of(stream, chunking)
+
+    assert meter.usage == Usage(input_tokens=10**20, output_tokens=2**64 + 1)
+    assert meter.relayed_text() == "a\ud800bcd\u00e9"
+
+
 def test_error_event_without_a_type_is_still_an_error() -> None:
     stream = sse(("error", {"type": "error", "error": "boom"}))
 
@@ -361,6 +387,17 @@ def test_an_event_without_its_closing_blank_line_is_not_counted() -> None:
         ),
         (b'{"usage": "many"}', None),
         (b"[" * 100_000 + b"]" * 100_000, None),
+        # read as json.loads reads them, where orjson (the fast path) would differ or refuse
+        (
+            b'{"usage": {"input_tokens": 10000000000000000000000, "output_tokens": 3, '
+            b'"cache_creation": {"ephemeral_1h_input_tokens": 100000000000000000000}}}',
+            Usage(input_tokens=10**22, output_tokens=3, cache_creation_1h_input_tokens=10**20),
+        ),
+        (b'{"usage": {"input_tokens": 2.0, "output_tokens": 3}}', Usage(output_tokens=3)),
+        (b'{"usage": {"input_tokens": NaN, "output_tokens": 3}}', Usage(output_tokens=3)),
+        (b'{"id": "\\ud800", "usage": {"output_tokens": 3}}', Usage(output_tokens=3)),
+        (b'\xef\xbb\xbf{"usage": {"output_tokens": 3}}', Usage(output_tokens=3)),
+        (b"[" * 1_010 + b"]" * 1_010, None),
     ],
     ids=[
         "fixture",
@@ -373,6 +410,12 @@ def test_an_event_without_its_closing_blank_line_is_not_counted() -> None:
         "error-body",
         "usage-not-object",
         "deeply-nested",
+        "counts-beyond-64-bits",
+        "float-count",
+        "nan",
+        "lone-surrogate",
+        "bom",
+        "nested-past-orjson",
     ],
 )
 def test_usage_from_body(body: bytes, expected: Usage | None) -> None:
