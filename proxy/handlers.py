@@ -107,21 +107,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     ex = request[EXCHANGE]
     await authenticate(request)
     body = await request.read()
-    call = parse_messages_call(body)
-    ex.model, ex.max_tokens, ex.stream = call["model"], call["max_tokens"], call["stream"]
-    ex.price = app[SETTINGS].prices.lookup(ex.model)
-    if ex.price is None:
-        raise bad_request(  # operators: add it to pricing.toml or set pricing.unknown_model
-            f"model: {ex.model!r} is not available through this proxy (it has no price here, so "
-            "it cannot be metered). Use another model, or ask the proxy's operator to add it."
-        )
-    try:
-        estimate = app[TOKENS].known_input_tokens(call, encode_chars_max=THREAD_ESTIMATE_CHARS)
-        if estimate is None:  # a large new prompt must not stall every other request
-            estimate = await asyncio.to_thread(app[TOKENS].request_input_tokens, call)
-    except RecursionError:
-        raise bad_request("messages: nested too deeply to be read.") from None
-    ex.input_tokens_estimate = estimate
+    await read_call(app, ex, body)
     await app[BILLING].admit(ex, continue_requested=wants_to_continue(request))
 
     upstream = app[UPSTREAM]
@@ -155,6 +141,27 @@ async def messages(request: web.Request) -> web.StreamResponse:
             _spawn_settle(app, ex)
         else:  # the client left first: counted and settled when the forward ends
             task.add_done_callback(lambda _: _charged_late(app, ex))
+
+
+async def read_call(app: web.Application, ex: Exchange, body: bytes) -> None:
+    """What pricing needs, into the Exchange: model, max_tokens, stream, the input estimate.
+    The parsed body dies here: a stream that held it would hold the whole prompt as Python
+    objects for as long as it runs (several times its size in bytes)."""
+    call = parse_messages_call(body)
+    ex.model, ex.max_tokens, ex.stream = call["model"], call["max_tokens"], call["stream"]
+    ex.price = app[SETTINGS].prices.lookup(ex.model)
+    if ex.price is None:
+        raise bad_request(  # operators: add it to pricing.toml or set pricing.unknown_model
+            f"model: {ex.model!r} is not available through this proxy (it has no price here, so "
+            "it cannot be metered). Use another model, or ask the proxy's operator to add it."
+        )
+    try:
+        estimate = app[TOKENS].known_input_tokens(call, encode_chars_max=THREAD_ESTIMATE_CHARS)
+        if estimate is None:  # a large new prompt must not stall every other request
+            estimate = await asyncio.to_thread(app[TOKENS].request_input_tokens, call)
+    except RecursionError:
+        raise bad_request("messages: nested too deeply to be read.") from None
+    ex.input_tokens_estimate = estimate
 
 
 def _spawn_settle(app: web.Application, ex: Exchange) -> None:

@@ -35,10 +35,10 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from proxy.ledger import Window, Windows
 from proxy.settings import Tier
@@ -48,6 +48,8 @@ from proxy.store.sql import Pending, Spent, SqlStore, Starts, Tx, _SeatRow, _sta
 
 if TYPE_CHECKING:
     from proxy.store.sqlite import SqliteDatabase
+
+R = TypeVar("R")
 
 # A commit by another process reaches the decisions made in memory within this long.
 VERSION_EVERY_S = 0.001
@@ -118,33 +120,25 @@ class Books(SqlStore):
         self._copy_changed = False
 
     async def admit(self, request: AdmissionRequest, tiers: Mapping[str, Tier]) -> Admission:
-        try:
-            if self._sqlite.journal is not None:
-                self._begin_in_memory()
-                try:
-                    return await super().admit(request, tiers)
-                except _Miss:
-                    self._missed()
-                finally:
-                    self._in_memory = False
-            return await super().admit(request, tiers)
-        except BaseException:
-            self._forget()  # whatever it changed in the copy may have been rolled back
-            raise
+        return await self._in_memory_first(super().admit, request, tiers)
 
     async def settle(self, settlement: Settlement, tiers: Mapping[str, Tier]) -> Settled | None:
+        return await self._in_memory_first(super().settle, settlement, tiers)
+
+    async def _in_memory_first(self, step: Callable[..., Awaitable[R]], *args: Any) -> R:
+        """Decide the step in memory when the copy holds what it needs, else as a transaction."""
         try:
             if self._sqlite.journal is not None:
                 self._begin_in_memory()
                 try:
-                    return await super().settle(settlement, tiers)
+                    return await step(*args)
                 except _Miss:
                     self._missed()
                 finally:
                     self._in_memory = False
-            return await super().settle(settlement, tiers)
+            return await step(*args)
         except BaseException:
-            self._forget()
+            self._forget()  # whatever it changed in the copy may have been rolled back
             raise
 
     def _begin_in_memory(self) -> None:
