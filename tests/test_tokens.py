@@ -1,8 +1,8 @@
-"""Token estimates: tiktoken's count, remembered for long texts that come back."""
+"""Token estimates: tiktoken's count, remembered for texts that come back."""
 
 from __future__ import annotations
 
-from proxy.tokens import CACHED_TEXT_CHARS_MIN, TokenCounter
+from proxy.tokens import TokenCounter
 
 SYSTEM = "You are a careful assistant who answers in plain English. " * 40
 TOOLS = [{"name": "read_file", "description": "Read a file. " * 30, "input_schema": {}}]
@@ -28,9 +28,11 @@ def test_an_estimate_is_close_to_counting_the_whole_text():
 def test_a_text_seen_before_is_not_counted_again():
     counter = TokenCounter()
     first = counter.known_input_tokens(call("hello"), encode_chars_max=None)
-    # the system prompt and tools are known now: only short new text is left to count
-    again = counter.known_input_tokens(call("hello"), encode_chars_max=CACHED_TEXT_CHARS_MIN)
+    # every text is known now, the short ones too: nothing is left to count
+    again = counter.known_input_tokens(call("hello"), encode_chars_max=0)
     assert again == first
+    # a new short turn is all that is counted anew
+    assert counter.known_input_tokens(call("hello", "thanks"), encode_chars_max=6) is not None
 
 
 def test_too_much_new_text_is_left_to_the_caller():
