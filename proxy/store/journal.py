@@ -68,7 +68,7 @@ class Journal:
             if written != len(line):
                 raise OSError(f"wrote {written} of {len(line)} bytes")
         except OSError:
-            os.ftruncate(self._fd, self.size_bytes)  # no half line for a later one to follow
+            os.ftruncate(self._fd, self.size_bytes)  # no half record for a later one to follow
             raise
         self.size_bytes += written
 

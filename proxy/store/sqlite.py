@@ -251,8 +251,12 @@ class SqliteDatabase:
         if self._lock.locked() or self._writes_held:
             self._apply_timer = loop.call_later(APPLY_AFTER_S, self._apply_now)
             return
-        batch = self._batch if self._batch is not None else self._try_begin()
-        if batch is None:  # another process writes
+        try:
+            batch = self._batch if self._batch is not None else self._try_begin()
+        except sqlite3.Error as exc:  # the file cannot be written now: the records wait
+            log.warning("journal_apply_failed", error=str(exc))
+            batch = None
+        if batch is None:  # another process writes, or the file cannot be written
             self._apply_timer = loop.call_later(APPLY_AFTER_S, self._apply_now)
             return
         try:

@@ -145,3 +145,56 @@ def test_a_record_cut_short_ends_the_journal(tmp_path):
         (1, [("UPDATE t SET x = x + ?", [1])]),
         (2, [("UPDATE t SET x = x + ?", [2.5]), ("DELETE FROM t", [])]),
     ]
+
+
+async def test_a_record_that_cannot_be_written_refuses_its_step_and_loses_nothing(tmp_path):
+    """The journal's file may not grow (a full disk, here a file size limit): the admission
+    fails as the store being unavailable, the file is left as it was, the next one goes on."""
+    path = tmp_path / "b.db"
+    await (await opened(path)).close()
+    script = f"""
+import asyncio, os, resource, signal, sys
+sys.path.insert(0, {str(ROOT)!r})
+from proxy.settings import StoreSettings
+from proxy.store import open_store
+from proxy.store.base import StoreUnavailable
+from tests.store.test_contract import TIERS, alice, asking, settling
+
+async def main():
+    store = await open_store(StoreSettings(url="sqlite:///{path}"))
+    member_id = await alice(store)
+    await store.admit(asking(member_id, "first", 1_000), TIERS)
+    await store.admit(asking(member_id, "second", 1_000), TIERS)
+    journal = "{path}{JOURNAL_SUFFIX}"
+    size_bytes = os.path.getsize(journal)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size_bytes + 10, hard))  # room for a part
+    try:
+        await store.admit(asking(member_id, "third", 1_000), TIERS)
+        raise SystemExit("the third admission went in")
+    except StoreUnavailable as exc:
+        print("refused:", exc)
+    assert os.path.getsize(journal) == size_bytes
+    resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+    await store.admit(asking(member_id, "fourth", 1_000), TIERS)
+    for request_id in ("first", "second", "fourth"):
+        assert await store.settle(settling(request_id, 500), TIERS) is not None
+    await store.close()
+
+asyncio.run(main())
+"""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    stdout, stderr = await process.communicate()
+    assert process.returncode == 0, stderr.decode()
+    assert "journal could not be written" in stdout.decode()
+    assert in_tables(path, "SELECT id, status FROM requests ORDER BY id") == [
+        ("first", "posted"),
+        ("fourth", "posted"),
+        ("second", "posted"),
+    ]
+    assert in_tables(path, "SELECT SUM(used_nanos), SUM(reserved_nanos) FROM windows") == [
+        (1_500, 0)
+    ]
