@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import sys
+import textwrap
 import tomllib
 from pathlib import Path
 
@@ -32,6 +33,31 @@ def in_tables(path: Path, sql: str, params: tuple = ()) -> list[tuple]:
         return other.execute(sql, params).fetchall()
 
 
+async def in_another_process(path: Path, steps: str) -> str:
+    """Run `steps` (indented Python) in a process of its own, with the store at `path` opened as
+    `store` and alice's id as `member_id`; what it printed."""
+    script = f"""
+import asyncio, os, resource, signal, sys
+sys.path.insert(0, {str(ROOT)!r})
+from proxy.settings import StoreSettings
+from proxy.store import open_store
+from proxy.store.base import StoreUnavailable
+from tests.store.test_contract import TIERS, alice, asking, settling
+
+async def main():
+    store = await open_store(StoreSettings(url="sqlite:///{path}"))
+    member_id = await alice(store)
+{textwrap.indent(textwrap.dedent(steps), "    ")}
+asyncio.run(main())
+"""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    stdout, stderr = await process.communicate()
+    assert process.returncode == 0, stderr.decode()
+    return stdout.decode()
+
+
 async def test_a_step_the_books_can_decide_is_a_journal_record_until_applied(tmp_path):
     path = tmp_path / "b.db"
     store = await opened(path)
@@ -55,30 +81,17 @@ async def test_a_step_the_books_can_decide_is_a_journal_record_until_applied(tmp
 async def test_records_left_by_a_crash_are_applied_once_at_the_next_start(tmp_path):
     path = tmp_path / "b.db"
     await (await opened(path)).close()
-    crash = f"""
-import asyncio, os, sys
-sys.path.insert(0, {str(ROOT)!r})
-from proxy.settings import StoreSettings
-from proxy.store import open_store
-from tests.store.test_contract import TIERS, alice, asking, settling
-
-async def main():
-    store = await open_store(StoreSettings(url="sqlite:///{path}"))
-    member_id = await alice(store)
-    for n in range(3):
-        await store.admit(asking(member_id, f"r{{n}}", 1_000), TIERS)
-        await store.settle(settling(f"r{{n}}", 700), TIERS)
-    await store.admit(asking(member_id, "in-flight", 1_000), TIERS)
-    assert store.database.records_waiting
-    os._exit(0)  # as kill -9: no close, nothing applied
-
-asyncio.run(main())
-"""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", crash, stderr=asyncio.subprocess.PIPE
+    await in_another_process(
+        path,
+        """
+        for n in range(3):
+            await store.admit(asking(member_id, f"r{n}", 1_000), TIERS)
+            await store.settle(settling(f"r{n}", 700), TIERS)
+        await store.admit(asking(member_id, "in-flight", 1_000), TIERS)
+        assert store.database.records_waiting
+        os._exit(0)  # as kill -9: no close, nothing applied
+        """,
     )
-    _, stderr = await process.communicate()
-    assert process.returncode == 0, stderr.decode()
     assert len(read_records(f"{path}{JOURNAL_SUFFIX}")) >= 4
     [(posted,)] = in_tables(path, "SELECT COUNT(*) FROM requests WHERE status = 'posted'")
     assert posted < 3  # some of it was only in the journal
@@ -152,44 +165,30 @@ async def test_a_record_that_cannot_be_written_refuses_its_step_and_loses_nothin
     fails as the store being unavailable, the file is left as it was, the next one goes on."""
     path = tmp_path / "b.db"
     await (await opened(path)).close()
-    script = f"""
-import asyncio, os, resource, signal, sys
-sys.path.insert(0, {str(ROOT)!r})
-from proxy.settings import StoreSettings
-from proxy.store import open_store
-from proxy.store.base import StoreUnavailable
-from tests.store.test_contract import TIERS, alice, asking, settling
-
-async def main():
-    store = await open_store(StoreSettings(url="sqlite:///{path}"))
-    member_id = await alice(store)
-    await store.admit(asking(member_id, "first", 1_000), TIERS)
-    await store.admit(asking(member_id, "second", 1_000), TIERS)
-    journal = "{path}{JOURNAL_SUFFIX}"
-    size_bytes = os.path.getsize(journal)
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (size_bytes + 10, hard))  # room for a part
-    try:
-        await store.admit(asking(member_id, "third", 1_000), TIERS)
-        raise SystemExit("the third admission went in")
-    except StoreUnavailable as exc:
-        print("refused:", exc)
-    assert os.path.getsize(journal) == size_bytes
-    resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
-    await store.admit(asking(member_id, "fourth", 1_000), TIERS)
-    for request_id in ("first", "second", "fourth"):
-        assert await store.settle(settling(request_id, 500), TIERS) is not None
-    await store.close()
-
-asyncio.run(main())
-"""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    printed = await in_another_process(
+        path,
+        f"""
+        await store.admit(asking(member_id, "first", 1_000), TIERS)
+        await store.admit(asking(member_id, "second", 1_000), TIERS)
+        journal = "{path}{JOURNAL_SUFFIX}"
+        size_bytes = os.path.getsize(journal)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size_bytes + 10, hard))  # room for a part
+        try:
+            await store.admit(asking(member_id, "third", 1_000), TIERS)
+            raise SystemExit("the third admission went in")
+        except StoreUnavailable as exc:
+            print("refused:", exc)
+        assert os.path.getsize(journal) == size_bytes
+        resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+        await store.admit(asking(member_id, "fourth", 1_000), TIERS)
+        for request_id in ("first", "second", "fourth"):
+            assert await store.settle(settling(request_id, 500), TIERS) is not None
+        await store.close()
+        """,
     )
-    stdout, stderr = await process.communicate()
-    assert process.returncode == 0, stderr.decode()
-    assert "journal could not be written" in stdout.decode()
+    assert "journal could not be written" in printed
     assert in_tables(path, "SELECT id, status FROM requests ORDER BY id") == [
         ("first", "posted"),
         ("fourth", "posted"),
