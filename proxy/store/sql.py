@@ -8,6 +8,10 @@ each other; SQLite holds its one write lock (BEGIN IMMEDIATE) already. Under the
 statement sees what other transactions committed, so check-and-act is never a read-then-write
 across a gap. The backends differ only in connections, placeholders and a few
 SQL fragments (`Database` below); the SQL here runs on both.
+
+Admission and settlement read and write through the methods under "reads" and "writes" below,
+and open their transaction with `_step()`: on SQLite, `Books` (books.py) answers those reads
+from memory and turns the writes into a record of its write-behind journal.
 """
 
 from __future__ import annotations
