@@ -237,34 +237,20 @@ class SseMeter:
             return
         raw = data[0] if len(data) == 1 else b"\n".join(data)
         data.clear()
-        try:
-            payload = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            payload = _stdlib_json(raw)
-        if not isinstance(payload, dict):
-            return
-        if payload.get("type") == "content_block_delta":  # most events: no counts to check
-            self._read_delta(payload)
-        elif _has_float_count(payload):
-            payload = _stdlib_json(raw)
-            if isinstance(payload, dict):
-                self._read(payload)
-        else:
+        payload = parse_json(raw)
+        if isinstance(payload, dict):
             self._read(payload)
-
-    def _read_delta(self, payload: dict[str, Any]) -> None:
-        delta = payload.get("delta")
-        if isinstance(delta, dict):
-            delta_type = delta.get("type")
-            field = _DELTA_TEXT_FIELDS.get(delta_type) if isinstance(delta_type, str) else None
-            text = delta.get(field) if field else None
-            if isinstance(text, str) and text:
-                self._texts.append(text)
 
     def _read(self, payload: dict[str, Any]) -> None:
         kind = payload.get("type")
         if kind == "content_block_delta":
-            self._read_delta(payload)
+            delta = payload.get("delta")
+            if isinstance(delta, dict):
+                delta_type = delta.get("type")
+                field = _DELTA_TEXT_FIELDS.get(delta_type) if isinstance(delta_type, str) else None
+                text = delta.get(field) if field else None
+                if isinstance(text, str) and text:
+                    self._texts.append(text)
         elif kind == "message_delta":
             usage = payload.get("usage")
             if isinstance(usage, dict):

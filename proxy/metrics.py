@@ -133,18 +133,12 @@ class Metrics:
         # labels' own values, so these are bounded as the label sets are.
         # model -> its token counters in TOKEN_KINDS order
         self._tokens_by_model: dict[str, list[Counter]] = {}
-        self._requests_by_labels: dict[tuple[str, str, int], Counter] = {}
-        self._cost_by_labels: dict[tuple[str, str], Counter] = {}
+        self._requests_by_labels: dict[tuple[str, ...], Counter] = {}
+        self._cost_by_labels: dict[tuple[str, ...], Counter] = {}
 
     def observe(self, ex: Exchange, *, route: str, status: int, duration_s: float) -> None:
         """Record one finished request (called once, from the middleware's `finally`)."""
-        key = (route, ex.outcome, status)
-        requests = self._requests_by_labels.get(key)
-        if requests is None:
-            requests = self._requests_by_labels[key] = self.requests.labels(
-                route, ex.outcome, str(status)
-            )
-        requests.inc()
+        _child(self._requests_by_labels, self.requests, route, ex.outcome, str(status)).inc()
         if ex.outcome.startswith(REFUSED):
             self.refusals.labels(limit=ex.outcome.removeprefix(REFUSED)).inc()
         if ex.upstream_ms is not None:
@@ -168,14 +162,18 @@ class Metrics:
             for counter, (_, name) in zip(counters, TOKEN_KINDS, strict=True):
                 if tokens := getattr(ex.usage, name):  # inc(0) changes nothing, and locks
                     counter.inc(tokens)
-        key = (model, ex.billing)
-        cost = self._cost_by_labels.get(key)
-        if cost is None:
-            cost = self._cost_by_labels[key] = self.cost.labels(model, ex.billing)
-        cost.inc(ex.cost_nanos)
+        _child(self._cost_by_labels, self.cost, model, ex.billing).inc(ex.cost_nanos)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _child(children: dict[tuple[str, ...], Counter], metric: Counter, *labels: str) -> Counter:
+    """The metric's child for these label values, looked up in prometheus once."""
+    child = children.get(labels)
+    if child is None:
+        child = children[labels] = metric.labels(*labels)
+    return child
 
 
 def charge_pending(ex: Exchange) -> bool:

@@ -55,9 +55,6 @@ class Journal:
             return None
         return cls(path, fd)
 
-    def records(self) -> list[Record]:
-        return read_records(self.path)
-
     def append(self, seq: int, statements: list[Statement]) -> None:
         """Write one step's record; raise OSError when it could not be written whole (and
         leave the file as it was)."""

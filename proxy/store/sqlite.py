@@ -33,7 +33,7 @@ import structlog
 
 from proxy.store.base import StoreUnavailable
 from proxy.store.books import Books
-from proxy.store.journal import Journal, Record, Statement
+from proxy.store.journal import Journal, Record, Statement, read_records
 from proxy.store.sql import to_its_end
 
 BUSY_TIMEOUT_MS = 1000
@@ -271,7 +271,7 @@ class SqliteDatabase:
         """At start-up: apply the journal's records that a stopped process left unapplied."""
         if self.journal is None:
             return
-        records = self.journal.records()
+        records = read_records(self.journal.path)
         applied_seq = self._conn.execute("SELECT seq FROM journal_applied").fetchone()[0]
         self._seq = max([applied_seq, *(seq for seq, _ in records)])
         self._queue = [record for record in records if record[0] > applied_seq]
