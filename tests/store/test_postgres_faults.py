@@ -24,7 +24,7 @@ from proxy.ledger import Admitted
 from proxy.orgfile import parse_orgs
 from proxy.settings import StoreSettings
 from proxy.store import open_store
-from tests.conftest import ALICE_KEY, BOB_KEY, DEFAULT_ORGS
+from tests.conftest import ALICE_KEY, BOB_KEY, DEFAULT_ORGS, quiet
 from tests.store.test_contract import NOW_S, PLANS, TIERS, asking, settling
 
 STREAM = json.dumps(
@@ -153,6 +153,7 @@ async def test_an_exhausted_pool_makes_requests_wait_then_answers_a_clear_503(
 ) -> None:
     proxy = await start_proxy(store="pool_size = 1\npool_timeout_s = 0.3")
     assert (await post(proxy))[0] == 200
+    await quiet(proxy)  # its settlement, which follows the answer, must not be the one waiting
     holder = await asyncpg.connect(postgres_url)
     try:
         transaction = holder.transaction()
