@@ -8,7 +8,6 @@ import json
 import time
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -26,6 +25,7 @@ from proxy.appkeys import (
 from proxy.auth import key_from_headers
 from proxy.errors import Refusal, bad_request, unauthenticated
 from proxy.exchange import Exchange
+from proxy.http1 import Response, UpstreamError
 from proxy.ledger import (
     BALANCE,
     MEMBER_MONTHLY,
@@ -88,12 +88,12 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
         )
         await response.prepare(request)
         try:
-            async for chunk in up.content.iter_any():
+            async for chunk in up.chunks():
                 await response.write(chunk)
         except ConnectionResetError:
             ex.outcome = "client_disconnected"
             return response
-        except (TimeoutError, aiohttp.ClientError):
+        except UpstreamError:
             ex.outcome = "upstream_cut"
             _abort(request)
             return response
@@ -299,7 +299,7 @@ async def _forward_whole(
             ex.upstream_status = up.status
             try:
                 payload = await up.read()
-            except (TimeoutError, aiohttp.ClientError):
+            except UpstreamError:
                 raise Refusal(
                     502,
                     "api_error",
@@ -362,16 +362,16 @@ async def _relay_stream(
         raise
 
 
-async def _pump(up: aiohttp.ClientResponse, response: web.StreamResponse, meter: SseMeter) -> str:
+async def _pump(up: Response, response: web.StreamResponse, meter: SseMeter) -> str:
     """Copy upstream chunks to the client as they arrive; return how the stream ended."""
     try:
-        async for chunk in up.content.iter_any():
+        async for chunk in up.chunks():
             meter.feed(chunk)
             try:
                 await response.write(chunk)
             except ConnectionResetError:
                 return "client_disconnected"
-    except (TimeoutError, aiohttp.ClientError):
+    except UpstreamError:
         return "upstream_cut"
     if meter.completed:
         return "ok"

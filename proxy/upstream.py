@@ -1,11 +1,12 @@
-"""The only outbound HTTP: one shared ClientSession to the Messages API, with timeouts."""
+"""The only outbound HTTP to the Messages API: which headers go up and come back, and faults
+before an answer as 502/504 refusals. The connections themselves are http1.py's."""
 
 from __future__ import annotations
 
-import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.errors import Refusal
+from proxy.http1 import Client, Response, UpstreamError, UpstreamTimeout
 from proxy.settings import UpstreamSettings
 
 # Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus those we set ourselves.
@@ -25,9 +26,9 @@ HOP_BY_HOP = frozenset(
     }
 )
 # The member's key, and the proxy's own request header (SPEC §7), never go upstream; nor does
-# accept-encoding (the client session asks for what it can undo).
+# accept-encoding (http1.py asks for identity, and undoes gzip or deflate if sent anyway).
 NOT_FORWARDED = HOP_BY_HOP | {"x-api-key", "authorization", "x-extra-usage", "accept-encoding"}
-NOT_RETURNED = HOP_BY_HOP | {"content-encoding"}  # the client session undid the encoding
+NOT_RETURNED = HOP_BY_HOP | {"content-encoding"}  # bodies are relayed decoded
 RATELIMIT_PREFIX = "anthropic-ratelimit-"
 
 
@@ -36,23 +37,19 @@ class Upstream:
 
     def __init__(self, settings: UpstreamSettings) -> None:
         self._settings = settings
-        self._session: aiohttp.ClientSession | None = None
+        self._client: Client | None = None
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=self._settings.connections_max),
-            timeout=aiohttp.ClientTimeout(
-                total=None,
-                connect=self._settings.connect_timeout_s,
-                sock_read=self._settings.timeout_s,  # idle: no byte for this long
-            ),
-            auto_decompress=True,
-            skip_auto_headers=("User-Agent", "Content-Type"),
+        self._client = Client(
+            self._settings.base_url,
+            connections_max=self._settings.connections_max,
+            connect_timeout_s=self._settings.connect_timeout_s,
+            read_timeout_s=self._settings.timeout_s,  # idle: no byte for this long
         )
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        if self._client is not None:
+            await self._client.close()
 
     def request_headers(self, incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
         """The client's headers as sent, less hop-by-hop ones and the member's credentials."""
@@ -78,53 +75,44 @@ class Upstream:
 
     def send(self, method: str, path_qs: str, headers: CIMultiDict[str], body: bytes) -> Sending:
         """Open one upstream request (`async with`); faults before the response head become
-        502/504 refusals; the response is released on the way out."""
-        assert self._session is not None, "Upstream.start() was not called"
-        return Sending(self._session, method, self._settings.base_url + path_qs, headers, body)
+        502/504 refusals; an answer not read to its end closes its connection on the way out."""
+        assert self._client is not None, "Upstream.start() was not called"
+        return Sending(self._client, method, path_qs, headers, body)
 
 
 class Sending:
     """`async with upstream.send(...) as response`: a class, not an @asynccontextmanager, which
     costs a generator and its frames every request."""
 
-    __slots__ = ("_body", "_headers", "_method", "_response", "_session", "_url")
+    __slots__ = ("_body", "_client", "_headers", "_method", "_path_qs", "_response")
 
     def __init__(
-        self,
-        session: aiohttp.ClientSession,
-        method: str,
-        url: str,
-        headers: CIMultiDict[str],
-        body: bytes,
+        self, client: Client, method: str, path_qs: str, headers: CIMultiDict[str], body: bytes
     ) -> None:
-        self._session = session
+        self._client = client
         self._method = method
-        self._url = url
+        self._path_qs = path_qs
         self._headers = headers
         self._body = body
-        self._response: aiohttp.ClientResponse | None = None
+        self._response: Response | None = None
 
-    async def __aenter__(self) -> aiohttp.ClientResponse:
+    async def __aenter__(self) -> Response:
         try:
-            self._response = await self._session.request(
-                self._method,
-                self._url,
-                headers=self._headers,
-                data=self._body or None,
-                allow_redirects=False,
+            self._response = await self._client.request(
+                self._method, self._path_qs, self._headers.items(), self._body
             )
-        except (TimeoutError, aiohttp.ServerTimeoutError):
+        except UpstreamTimeout:
             raise Refusal(
                 504,
                 "api_error",
                 "The upstream API did not answer in time.",
                 outcome="upstream_timeout",
             ) from None
-        except aiohttp.ClientError as exc:
+        except UpstreamError as exc:
             raise Refusal(
                 502,
                 "api_error",
-                f"The upstream API could not be reached ({type(exc).__name__}).",
+                f"The upstream API could not be reached ({exc}).",
                 outcome="upstream_unreachable",
             ) from None
         return self._response
