@@ -7,9 +7,9 @@ this client about 0.04 ms (README "Performance"). It does only what the proxy ne
 no redirects, no cookies, no proxies; `identity` bodies, or gzip/deflate decoded with zlib.
 
 - Connections: at most `connections_max` open; a request waits for one beyond that. A
-  connection goes back to the pool once its response has been read to the end (its body is then
+  connection goes back to the pool once its response has arrived to the end (its body is then
   held by the `Response`), and is closed when the response is left unread or the server asked
-  for it (`Connection: close`). Idle connections older than IDLE_KEEP_S are closed rather than
+  for it (`Connection: close`). Connections idle for `idle_keep_s` are closed rather than
   reused, before a server's own keep-alive timeout closes them under a request.
 - Timeouts: `connect_timeout_s` to open a connection (TLS included); `read_timeout_s` without a
   byte from the server while a response is awaited (the head or the next part of the body).
@@ -55,6 +55,7 @@ class Client:
         connections_max: int,
         connect_timeout_s: float,
         read_timeout_s: float,
+        idle_keep_s: float = IDLE_KEEP_S,
     ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -68,6 +69,7 @@ class Client:
         self._prefix = parts.path.rstrip("/")
         self._connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
+        self._idle_keep_s = idle_keep_s
         self._slots = asyncio.Semaphore(connections_max)
         self._idle: list[_Connection] = []
         self._all: set[_Connection] = set()
@@ -119,7 +121,7 @@ class Client:
         now_s = asyncio.get_running_loop().time()
         while self._idle:
             conn = self._idle.pop()
-            if conn.usable and now_s - conn.idle_since_s < IDLE_KEEP_S:
+            if conn.usable and now_s - conn.idle_since_s < self._idle_keep_s:
                 return conn
             conn.close()
         return None
