@@ -56,12 +56,14 @@ class Client:
         connect_timeout_s: float,
         read_timeout_s: float,
         idle_keep_s: float = IDLE_KEEP_S,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"upstream base URL must be http(s)://host[:port][/path]: {base_url}")
         self._host = parts.hostname
-        self._tls = ssl.create_default_context() if parts.scheme == "https" else None
+        https = parts.scheme == "https"
+        self._tls = (tls or ssl.create_default_context()) if https else None  # the system's CAs
         self._port = parts.port or (443 if self._tls else 80)
         default_port = self._port == (443 if self._tls else 80)
         host = f"[{self._host}]" if ":" in self._host else self._host

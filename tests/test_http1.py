@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import shutil
+import ssl
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 
@@ -355,3 +359,50 @@ async def test_a_line_break_in_a_header_is_refused_before_sending() -> None:
         with pytest.raises(UpstreamError, match="line break"):
             await upstream.request("POST", "/", [("x-evil", "a\r\nx-api-key: other")], b"")
     assert server.connections == 0
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key, made by the openssl command."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed: no certificate to test TLS with")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"),
+            *("-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+async def test_https_verifies_the_server_and_keeps_the_connection(
+    certificate: tuple[Path, Path],
+) -> None:
+    cert, key = certificate
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    served.load_cert_chain(cert, key)
+    answer = keep_alive(b"secret")
+    listener = await asyncio.start_server(lambda r, w: answer(r, w), "127.0.0.1", 0, ssl=served)
+    url = f"https://127.0.0.1:{listener.sockets[0].getsockname()[1]}"
+    async with listener:
+        trusting = Client(
+            url,
+            connections_max=2,
+            connect_timeout_s=2.0,
+            read_timeout_s=5.0,
+            tls=ssl.create_default_context(cafile=str(cert)),
+        )
+        try:
+            for _ in range(2):
+                assert await (await trusting.request("GET", "/", [], b"")).read() == b"secret"
+            assert trusting.connections_open == 1
+        finally:
+            await trusting.close()
+        strict = client(url)  # the system's CAs do not know this certificate
+        with pytest.raises(UpstreamError, match="CERTIFICATE_VERIFY_FAILED"):
+            await strict.request("GET", "/", [], b"")
