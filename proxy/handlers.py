@@ -8,6 +8,7 @@ import json
 import time
 from typing import Any
 
+import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -270,10 +271,19 @@ def _limit_view(account: Account | None) -> str:
 
 def parse_messages_call(body: bytes) -> dict[str, Any]:
     """Read what pricing needs (model, max_tokens, stream, the text); forward nothing re-encoded."""
+    # orjson, in a fraction of the stdlib's time; the stdlib where orjson refuses (NaN, a lone
+    # surrogate, a BOM, deep nesting) or reads differently (an integer past 64 bits: a float)
     try:
-        call = json.loads(body)
-    except (ValueError, RecursionError):  # decode errors are ValueErrors; RecursionError: nesting
-        raise bad_request("The request body is not valid JSON (or is nested too deeply).") from None
+        call = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        call = None
+    if call is None or (type(call) is dict and type(call.get("max_tokens")) is float):
+        try:
+            call = json.loads(body)
+        except (ValueError, RecursionError):  # decode errors are ValueErrors; nesting
+            raise bad_request(
+                "The request body is not valid JSON (or is nested too deeply)."
+            ) from None
     if not isinstance(call, dict):
         raise bad_request("The request body must be a JSON object.")
     if not isinstance(call.get("model"), str) or not call["model"]:

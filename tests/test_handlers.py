@@ -132,6 +132,13 @@ async def test_upstream_ratelimit_headers_kept_when_configured(start_proxy) -> N
         (b"[1, 2]", "JSON object"),
         (json.dumps({"max_tokens": 5, "messages": []}).encode(), "model"),
         (json.dumps({"model": "claude-sonnet-4-5", "messages": []}).encode(), "max_tokens"),
+        # read by the stdlib, not as orjson's float: the limit is named
+        (
+            b'{"model": "claude-sonnet-4-5", "max_tokens": 123456789012345678901234567890}',
+            "at most",
+        ),
+        (b'{"model": "claude-sonnet-4-5", "max_tokens": 1e400}', "positive integer"),
+        (b"\xff", "not valid JSON"),
     ],
 )
 async def test_malformed_requests_get_400(proxy: TestServer, raw: bytes, fragment: str) -> None:
