@@ -265,6 +265,7 @@ class _Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self.resume()  # paused for a body now whole in its Response: the next one needs reading
         if response is not None:
             error = response.finish()
             self._client._finished(self, reusable=reusable and self.usable and error is None)
@@ -343,7 +344,7 @@ class Response:
             parts += chunks
             chunks.clear()
             self._buffered = 0
-            if self._conn.paused:
+            if not self._done:  # once done, the connection may carry another response
                 self._conn.resume()
             if self._error is not None:
                 raise self._error
@@ -358,8 +359,8 @@ class Response:
             if chunks:
                 chunk = chunks.popleft()
                 self._buffered -= len(chunk)
-                if self._conn.paused and self._buffered < LOW_WATER_BYTES:
-                    self._conn.resume()
+                if not self._done and self._buffered < LOW_WATER_BYTES:
+                    self._conn.resume()  # a no-op unless paused
                 yield chunk
             elif self._error is not None:
                 raise self._error

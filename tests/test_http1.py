@@ -406,3 +406,29 @@ async def test_https_verifies_the_server_and_keeps_the_connection(
         strict = client(url)  # the system's CAs do not know this certificate
         with pytest.raises(UpstreamError, match="CERTIFICATE_VERIFY_FAILED"):
             await strict.request("GET", "/", [], b"")
+
+
+async def test_a_body_that_ends_while_reading_is_paused_leaves_the_connection_readable() -> None:
+    """Its last bytes cross the high-water mark: reading pauses as the body completes, and the
+    connection goes back to the pool; the next answer on it must still be read."""
+    body = b"y" * (http1.HIGH_WATER_BYTES + 100)
+
+    async def two(reader: Reader, writer: Writer) -> None:
+        await read_request(reader)
+        writer.write(ok(body))
+        await read_request(reader)
+        writer.write(ok(b"next"))
+        await writer.drain()
+        await reader.read()
+
+    async with serving(two) as server:
+        upstream = client(server.url, read_timeout_s=1.0)
+        try:
+            first = await upstream.request("POST", "/", [], b"")
+            await asyncio.sleep(0.1)  # the whole body arrives, unread
+            assert await first.read() == body
+            second = await asyncio.wait_for(upstream.request("POST", "/", [], b""), 5)
+            assert await second.read() == b"next"
+        finally:
+            await upstream.close()
+    assert server.connections == 1
