@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import json
 import os
 import socket
@@ -12,7 +13,7 @@ import sys
 import tomllib
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -29,6 +30,7 @@ from proxy.orgfile import load_orgs
 from proxy.settings import (
     SQLITE_URL_PREFIX,
     STORE_URL_PREFIXES,
+    ServerSettings,
     Settings,
     StoreSettings,
     load_settings,
@@ -303,7 +305,12 @@ def _serve(args: argparse.Namespace) -> int:
         load_orgs(
             settings.orgs_file, settings.plans
         )  # fail fast, with file and key, before binding
-    app = create_app(settings)
+    _run(create_app(settings), server, lambda _: print(f"usage-proxy on {server.public_url}"))
+    return 0
+
+
+def _run(app: web.Application, server: ServerSettings, banner: Callable[[str], None]) -> None:
+    app.on_startup.append(_freeze_startup_heap)  # after the cleanup contexts have started
     web.run_app(
         app,
         loop=_event_loop(),
@@ -313,9 +320,17 @@ def _serve(args: argparse.Namespace) -> int:
         access_log=None,
         shutdown_timeout=server.shutdown_grace_s,  # SIGTERM: stop accepting, let streams end
         keepalive_timeout=server.idle_timeout_s,
-        print=lambda _: print(f"usage-proxy on {server.public_url}"),
+        print=banner,
     )
-    return 0
+
+
+async def _freeze_startup_heap(_: web.Application) -> None:
+    """Leave what start-up built (modules, classes, price tables, the app) out of the garbage
+    collector's full passes: those scanned it all, about 40 ms in which no stream moved; with it
+    frozen a full pass takes about 1 ms (measured in the bench). Freed garbage first, so none of
+    it is kept for good."""
+    gc.collect()
+    gc.freeze()
 
 
 def _serve_demo(settings: Settings, config_path: Path) -> int:
@@ -366,17 +381,7 @@ def _serve_demo(settings: Settings, config_path: Path) -> int:
             f"Move the clock: curl -X POST {public_url}/admin/v1/clock -d '{{\"advance_s\": 18000}}'"
         )
 
-    web.run_app(
-        app,
-        loop=_event_loop(),
-        host=settings.server.host,
-        port=settings.server.port,
-        handler_cancellation=True,
-        access_log=None,
-        shutdown_timeout=settings.server.shutdown_grace_s,
-        keepalive_timeout=settings.server.idle_timeout_s,
-        print=banner,
-    )
+    _run(app, settings.server, banner)
     return 0
 
 

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import subprocess
 import sys
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import anthropic
 import pytest
+from aiohttp import web
+
+from proxy.__main__ import _freeze_startup_heap
 
 ROOT = Path(__file__).resolve().parent.parent
 ALICE_DEMO_KEY = "sk-demo-alice-0000000000000002"
@@ -99,3 +104,23 @@ def test_mock_upstream_command_serves_the_fake_api(tmp_path: Path) -> None:
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+async def test_serving_freezes_the_start_up_heap_after_freeing_its_garbage() -> None:
+    """What `serve` runs once the app has started: the start-up heap leaves the collector's full
+    passes (gc.freeze), and garbage made before it is freed, not frozen with it."""
+
+    class Node:
+        pass
+
+    gc.unfreeze()
+    cycle = Node()
+    cycle.itself = cycle  # type: ignore[attr-defined]  # reachable only by a collection
+    freed = weakref.ref(cycle)
+    del cycle
+    try:
+        await _freeze_startup_heap(web.Application())
+        assert freed() is None
+        assert gc.get_freeze_count() > 1000
+    finally:
+        gc.unfreeze()
