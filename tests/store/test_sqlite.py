@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,7 @@ import pytest
 from proxy.settings import StoreSettings
 from proxy.store import open_store
 from proxy.store.base import StoreUnavailable
+from proxy.store.sqlite import CHECKPOINT_COMMITS, CHECKPOINT_NICE
 from proxy.tasks import Tasks
 
 
@@ -129,6 +133,24 @@ async def test_the_wal_starts_over_under_steady_writes(tmp_path):
     assert len(committed_notes(tmp_path)) == 6000
     await store.close()
     assert wal_bytes < 8 * 1024 * 1024
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a thread's own nice value is Linux's")
+async def test_checkpoints_run_in_a_thread_of_lower_priority_than_the_loop(tmp_path):
+    store, db = await open_db(tmp_path)
+    for n in range(CHECKPOINT_COMMITS + 1):
+        async with db.transaction() as tx:
+            await tx.execute("INSERT INTO notes (n) VALUES (?)", (n,))
+    checkpointers = [t for t in threading.enumerate() if t.name.startswith("sqlite-checkpoint")]
+    try:
+        assert len(checkpointers) == 1
+        loop_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        thread_nice = os.getpriority(os.PRIO_PROCESS, checkpointers[0].native_id)
+        assert thread_nice == min(19, loop_nice + CHECKPOINT_NICE)
+        assert loop_nice == os.getpriority(os.PRIO_PROCESS, 0)  # the process's own is untouched
+    finally:
+        await store.close()
+    assert not checkpointers[0].is_alive()  # closing the store ends its thread
 
 
 async def test_a_step_waits_for_another_process_lock_without_stopping_the_loop(tmp_path):
