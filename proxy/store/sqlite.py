@@ -9,9 +9,9 @@ at once: every write runs alone, which is what `Tx.lock_org` asks for. The steps
 the event loop share one transaction, each in a savepoint, committed at the end of the turn
 (group commit); a step returns only after that commit. Checkpoints run in a thread of their own
 at a lower priority than the loop's, each followed by a short one with writes held so that the
-WAL can start over. While another process
-holds the write lock (an `admin --config` run), a step waits for it without blocking the loop,
-trying again for up to BUSY_TIMEOUT_MS, then fails as the store being unavailable.
+WAL can start over. While another process holds the write lock (an `admin --config` run), a
+step waits for it without blocking the loop, trying again for up to BUSY_TIMEOUT_MS, then fails
+as the store being unavailable.
 
 Admissions and settlements that `Books` (books.py) decides in memory are not steps here: their
 statements are records of the write-behind journal (journal.py), which `write_behind` appends
