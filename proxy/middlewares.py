@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Awaitable, Callable
 
@@ -11,7 +10,7 @@ from aiohttp import web
 
 from proxy.appkeys import EXCHANGE, METRICS
 from proxy.errors import Refusal, error_body
-from proxy.exchange import Exchange
+from proxy.exchange import Exchange, new_request_id
 from proxy.logs import request_line
 from proxy.store.base import StoreUnavailable
 
@@ -31,7 +30,9 @@ HTTP_ERROR_TYPES = {
 
 @web.middleware
 async def exchange_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    ex = Exchange(request_id=f"req_proxy_{os.urandom(16).hex()}", started_s=time.perf_counter())
+    ex = Exchange(
+        request_id=new_request_id(time.time_ns() // 1_000_000), started_s=time.perf_counter()
+    )
     request[EXCHANGE] = ex
     structlog.contextvars.bind_contextvars(request_id=ex.request_id)
     status = 500

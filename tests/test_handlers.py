@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 
@@ -11,6 +12,7 @@ from aiohttp.test_utils import TestServer
 from structlog.testing import capture_logs
 
 from proxy.appkeys import STORE
+from proxy.exchange import new_request_id
 from tests.conftest import ALICE_KEY, REVOKED_KEY, UPSTREAM_KEY, settled
 
 pytestmark = pytest.mark.both_stores  # every test here on both stores
@@ -148,6 +150,23 @@ async def test_malformed_requests_get_400(proxy: TestServer, raw: bytes, fragmen
     assert error["type"] == "invalid_request_error"
     assert fragment in error["message"]
     assert headers["request-id"].startswith("req_proxy_")
+
+
+def test_request_ids_sort_by_the_millisecond_they_were_made() -> None:
+    """Later ids sort later (stores append them at their index's edge); ids of one millisecond
+    differ by 80 random bits."""
+    same_ms = {new_request_id(1_796_000_000_000) for _ in range(1000)}
+    assert len(same_ms) == 1000
+    assert all(len(i) == len("req_proxy_") + 32 and i.startswith("req_proxy_") for i in same_ms)
+    assert max(same_ms) < new_request_id(1_796_000_000_001) < new_request_id(1_796_000_000_256)
+
+
+async def test_the_proxy_gives_later_requests_later_ids(proxy: TestServer) -> None:
+    await post_message(proxy, MESSAGE)
+    await asyncio.sleep(0.002)
+    await post_message(proxy, MESSAGE)
+    newer, older = await settled(proxy, 2)  # newest first, by the time each was admitted
+    assert older.request_id < newer.request_id
 
 
 async def test_unknown_model_is_refused_naming_it_and_not_forwarded(proxy: TestServer) -> None:
