@@ -223,9 +223,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.usable = False
-        self._client._lost(self)
-        if self._timer is not None:
-            self._timer.cancel()
+        self._client._lost(self)  # _complete and _fail below stop the read timer
         response = self._response
         if response is not None and response.reads_to_close and response.has_head:
             self._complete(reusable=False)  # a body without a length ends with the connection
@@ -262,9 +260,7 @@ class _Connection(asyncio.Protocol):
 
     def _complete(self, *, reusable: bool) -> None:
         response, self._response = self._response, None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._disarm()
         self.resume()  # paused for a body now whole in its Response: the next one needs reading
         if response is not None:
             error = response.finish()
@@ -272,13 +268,16 @@ class _Connection(asyncio.Protocol):
 
     def _fail(self, error: UpstreamError) -> None:
         response, self._response = self._response, None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._disarm()
         self.close()
         if response is not None:
             response.fail(error)
             self._client._finished(self, reusable=False)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _arm(self, after_s: float) -> None:
         self._timer = self._loop.call_at(self._loop.time() + after_s, self._check_idle)

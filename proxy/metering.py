@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,24 +99,24 @@ def usage_from_body(body: bytes) -> Usage | None:
 
 
 def parse_json(raw: bytes) -> Any:
-    """What `json.loads` reads from `raw` (None where it fails), in a third of its time.
+    """What `json.loads` reads from `raw` (None where it fails), in a third of its time: see
+    `load_json`; the only numbers read here are the usage counts."""
+    try:
+        return load_json(raw, reread=_has_float_count)
+    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError; nesting
+        return None
 
-    orjson where it agrees with the stdlib; the stdlib for what orjson refuses (NaN, a lone
-    surrogate, a BOM, nesting past 1,024) and where orjson reads differently: an integer beyond
-    64 bits becomes a float there, and the only numbers read here are the usage counts.
-    """
+
+def load_json(raw: bytes, *, reread: Callable[[Any], bool]) -> Any:
+    """What `json.loads` reads from `raw`, raising what it raises: orjson where it agrees with
+    the stdlib; the stdlib for what orjson refuses (NaN, a lone surrogate, a BOM, nesting past
+    1,024), and where `reread(payload)` finds a float orjson may have made of an integer beyond
+    64 bits (the stdlib reads an int there)."""
     try:
         payload = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return _stdlib_json(raw)
-    return _stdlib_json(raw) if _has_float_count(payload) else payload
-
-
-def _stdlib_json(raw: bytes) -> Any:
-    try:
         return json.loads(raw)
-    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError; nesting
-        return None
+    return json.loads(raw) if reread(payload) else payload
 
 
 def _has_float_count(payload: Any) -> bool:
