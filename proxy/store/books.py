@@ -1,6 +1,11 @@
-"""The members' books in memory, for the SQLite store: admission and settlement in microseconds.
+"""The members' books in memory: admission and settlement decided without a round trip a read.
 
-`SqlStore` reads a member's seat, windows and month spend at every admission and again at every
+`Copy` is `SqlStore` answering the reads of admission and settlement from a copy of the books,
+each write applied to the copy too. The SQLite store keeps its copy across steps (`Books`,
+below); the PostgreSQL store reads one for each batch of steps, under the batch's locks, and
+forgets it with the batch (batches.py).
+
+On SQLite: `SqlStore` reads a member's seat, windows and month spend at every admission and again at every
 settlement, and writes and commits its changes before it answers. `Books` runs the same steps,
 the same decisions and the same statements, but
 
@@ -44,7 +49,7 @@ from proxy.ledger import Window, Windows
 from proxy.settings import Tier
 from proxy.store.base import Admission, AdmissionRequest, Settled, Settlement
 from proxy.store.journal import Statement
-from proxy.store.sql import Pending, Spent, SqlStore, Starts, Tx, _SeatRow, _starts
+from proxy.store.sql import Database, Pending, Spent, SqlStore, Starts, Tx, _SeatRow, _starts
 
 if TYPE_CHECKING:
     from proxy.store.sqlite import SqliteDatabase
@@ -100,79 +105,23 @@ class _Recording:
         """Steps decided in memory run one at a time already."""
 
 
-class Books(SqlStore):
-    """`SqlStore` on SQLite with each member's books (seat, newest windows, month spend, the
-    org's balance) and the pending requests kept in memory."""
+class Copy(SqlStore):
+    """`SqlStore` answering the reads of admission and settlement from a copy of the books (the
+    members' seats, newest windows and month spend, the orgs' money, the pending requests),
+    each write applied to the copy too. What the copy lacks is read through `db` and kept, or,
+    while a step is decided in memory (`_in_memory`), is a `_Miss`. Used by the SQLite store
+    (`Books`, below) and by the PostgreSQL store's batches (batches.py)."""
 
-    def __init__(self, db: SqliteDatabase) -> None:
+    def __init__(self, db: Database) -> None:
         super().__init__(db)
-        self._sqlite = db
         self._seats: dict[int, _SeatRow] = {}  # member id -> seat (money as first read)
         self._money: dict[str, tuple[int, int, int]] = {}  # org id -> balance, held, reload
         self._windows: dict[int, dict[str, Window]] = {}  # member id -> newest of each kind
         self._spent: dict[tuple[str, int, str], tuple[int, int]] = {}  # (org, who, month)
         self._pending: dict[str, Pending] = {}  # request id -> what admission recorded
-        self._steps_seen = -1
-        self._version_seen = -1
-        self._version_read_s = float("-inf")
         # A step being decided in memory (never across an await), and whether it changed the copy.
         self._in_memory = False
         self._copy_changed = False
-
-    async def admit(self, request: AdmissionRequest, tiers: Mapping[str, Tier]) -> Admission:
-        return await self._in_memory_first(super().admit, request, tiers)
-
-    async def settle(self, settlement: Settlement, tiers: Mapping[str, Tier]) -> Settled | None:
-        return await self._in_memory_first(super().settle, settlement, tiers)
-
-    async def _in_memory_first(self, step: Callable[..., Awaitable[R]], *args: Any) -> R:
-        """Decide the step in memory when the copy holds what it needs, else as a transaction."""
-        try:
-            if self._sqlite.journal is not None:
-                self._begin_in_memory()
-                try:
-                    return await step(*args)
-                except _Miss:
-                    self._missed()
-                finally:
-                    self._in_memory = False
-            return await step(*args)
-        except BaseException:
-            self._forget()  # whatever it changed in the copy may have been rolled back
-            raise
-
-    def _begin_in_memory(self) -> None:
-        self._check(exact=False)
-        self._in_memory, self._copy_changed = True, False
-
-    def _missed(self) -> None:
-        """The step will run as a transaction: what it changed in the copy must not count twice."""
-        if self._copy_changed:
-            self._forget()
-
-    def _step(self) -> AbstractAsyncContextManager[Tx]:
-        return _Recording(self._sqlite) if self._in_memory else self._transaction()
-
-    @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[Tx]:
-        """A step that runs as a transaction: the copy is checked again under the write lock."""
-        async with self._sqlite.transaction(counted=False) as tx:
-            self._check()
-            yield tx
-
-    def _check(self, *, exact: bool = True) -> None:
-        """Forget the copy if a step not its own (counted by `SqliteDatabase.steps`) or another
-        connection (`data_version`) wrote since the last check. Not `exact`: SQLite is asked
-        at most once per VERSION_EVERY_S (6 us a time, twice a request otherwise)."""
-        now_s = time.monotonic()
-        if exact or now_s - self._version_read_s >= VERSION_EVERY_S:
-            self._version_read_s, version = now_s, self._sqlite.data_version()
-        else:
-            version = self._version_seen
-        steps = self._sqlite.steps
-        if steps != self._steps_seen or version != self._version_seen:
-            self._forget()
-        self._steps_seen, self._version_seen = steps, version
 
     def _forget(self) -> None:
         self._seats.clear()
@@ -181,11 +130,22 @@ class Books(SqlStore):
         self._spent.clear()
         self._pending.clear()
 
+    def _forget_org(self, org_id: str) -> None:
+        """Forget the org's money and month spend, and its members' seats (which carry them)."""
+        self._money.pop(org_id, None)
+        for member_id in [m for m, seat in self._seats.items() if seat.org_id == org_id]:
+            del self._seats[member_id]
+        for key in [key for key in self._spent if key[0] == org_id]:
+            del self._spent[key]
+
+    def _before_read(self) -> None:
+        """Called before the seat is read outside a step decided in memory."""
+
     # -- reads, answered from the copy
 
     async def _seat(self, db: Tx, member_id: int, *, lock: str | None = None) -> _SeatRow:
         if not self._in_memory:
-            self._check()  # continuing, status: steps of SqlStore's that read the seat
+            self._before_read()
         seat = self._seats.get(member_id)
         if seat is None:
             if self._in_memory:
@@ -316,6 +276,75 @@ class Books(SqlStore):
         await super()._record_admission(db, r, p)
         self._copy_changed = True
         self._pending[r.request_id] = p
+
+
+class Books(Copy):
+    """`Copy` on SQLite, kept across steps: the books of each member stay in memory."""
+
+    def __init__(self, db: SqliteDatabase) -> None:
+        super().__init__(db)
+        self._sqlite = db
+        self._steps_seen = -1
+        self._version_seen = -1
+        self._version_read_s = float("-inf")
+
+    async def admit(self, request: AdmissionRequest, tiers: Mapping[str, Tier]) -> Admission:
+        return await self._in_memory_first(super().admit, request, tiers)
+
+    async def settle(self, settlement: Settlement, tiers: Mapping[str, Tier]) -> Settled | None:
+        return await self._in_memory_first(super().settle, settlement, tiers)
+
+    async def _in_memory_first(self, step: Callable[..., Awaitable[R]], *args: Any) -> R:
+        """Decide the step in memory when the copy holds what it needs, else as a transaction."""
+        try:
+            if self._sqlite.journal is not None:
+                self._begin_in_memory()
+                try:
+                    return await step(*args)
+                except _Miss:
+                    self._missed()
+                finally:
+                    self._in_memory = False
+            return await step(*args)
+        except BaseException:
+            self._forget()  # whatever it changed in the copy may have been rolled back
+            raise
+
+    def _begin_in_memory(self) -> None:
+        self._check(exact=False)
+        self._in_memory, self._copy_changed = True, False
+
+    def _missed(self) -> None:
+        """The step will run as a transaction: what it changed in the copy must not count twice."""
+        if self._copy_changed:
+            self._forget()
+
+    def _step(self) -> AbstractAsyncContextManager[Tx]:
+        return _Recording(self._sqlite) if self._in_memory else self._transaction()
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[Tx]:
+        """A step that runs as a transaction: the copy is checked again under the write lock."""
+        async with self._sqlite.transaction(counted=False) as tx:
+            self._check()
+            yield tx
+
+    def _check(self, *, exact: bool = True) -> None:
+        """Forget the copy if a step not its own (counted by `SqliteDatabase.steps`) or another
+        connection (`data_version`) wrote since the last check. Not `exact`: SQLite is asked
+        at most once per VERSION_EVERY_S (6 us a time, twice a request otherwise)."""
+        now_s = time.monotonic()
+        if exact or now_s - self._version_read_s >= VERSION_EVERY_S:
+            self._version_read_s, version = now_s, self._sqlite.data_version()
+        else:
+            version = self._version_seen
+        steps = self._sqlite.steps
+        if steps != self._steps_seen or version != self._version_seen:
+            self._forget()
+        self._steps_seen, self._version_seen = steps, version
+
+    def _before_read(self) -> None:
+        self._check()  # continuing, status: steps of SqlStore's that read the seat
 
 
 def _money_of(seat: _SeatRow) -> tuple[int, int, int]:

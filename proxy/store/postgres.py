@@ -5,6 +5,7 @@ across all replicas because each takes the member's row lock first, and money st
 likewise under the org's row lock (`SELECT ... FOR UPDATE`, member before org); under READ
 COMMITTED every later statement of that transaction then sees what the previous holder committed.
 A transaction that still loses a race (deadlock, serialization failure) runs again (sql._atomic).
+Admissions and settlements commit in batches, many steps in one transaction (batches.py).
 A server that is down, a connection that dies and a pool with no free connection within
 `store.pool_timeout_s` all become StoreUnavailable: the request fails with a 503, and the pool
 opens fresh connections for the next one.
@@ -23,7 +24,7 @@ from urllib.parse import urlsplit
 import asyncpg
 
 from proxy.store.base import StoreUnavailable
-from proxy.store.sql import SqlStore
+from proxy.store.batches import BatchedStore
 
 # What a lost or refused connection raises; a query's own errors (constraints...) are not here.
 UNREACHABLE = (
@@ -55,7 +56,7 @@ def safe_url(url: str) -> str:
     return f"{parts.scheme}://{user}{host}{port}{parts.path}"
 
 
-async def open_postgres(url: str, *, pool_size: int, pool_timeout_s: float) -> SqlStore:
+async def open_postgres(url: str, *, pool_size: int, pool_timeout_s: float) -> BatchedStore:
     try:
         pool = await asyncpg.create_pool(
             url,
@@ -73,7 +74,7 @@ async def open_postgres(url: str, *, pool_size: int, pool_timeout_s: float) -> S
     except BaseException:
         await pool.close()
         raise
-    return SqlStore(db)
+    return BatchedStore(db)
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:

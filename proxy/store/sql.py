@@ -11,7 +11,8 @@ SQL fragments (`Database` below); the SQL here runs on both.
 
 Admission and settlement read and write through the methods under "reads" and "writes" below,
 and open their transaction with `_step()`: on SQLite, `Books` (books.py) answers those reads
-from memory and turns the writes into a record of its write-behind journal.
+from memory and turns the writes into a record of its write-behind journal; on PostgreSQL, the
+steps that wait together run in one transaction (batches.py).
 """
 
 from __future__ import annotations

@@ -1,0 +1,321 @@
+"""Group commit for the PostgreSQL store: the admissions and settlements that arrive while one
+batch runs go together into the next, one transaction for all of them.
+
+A step on its own costs a dozen round trips to the server (BEGIN, the seat locked, the books,
+each write, COMMIT), and at a few hundred a second those round trips were most of the proxy's CPU
+(README "Performance"). A batch of steps, in one transaction:
+
+1. locks and reads what its steps need in three statements: the requests to settle and the
+   members' seats (both `FOR UPDATE`, members in id order), then the members' newest windows and
+   the month's spend. Rows another transaction holds are skipped (`SKIP LOCKED`): their steps
+   run alone, each in a transaction of its own that waits for them, as every step did before
+   batches, so that a member whose row another replica (or an admin) holds stalls no one else;
+2. decides each step in turn with `SqlStore`'s own code, against that copy of the books
+   (books.py `Copy`), which each write keeps in step; the writes are held back;
+3. sends the held writes, all rows of one statement at once (asyncpg's `executemany` is one round
+   trip): inserts first, since a later update of the batch may touch a window an earlier step's
+   insert opened, then updates, each statement's rows in step order. Updates move amounts
+   (`used = used + ?`) or set a row one step owns, so only the inserts' order matters;
+4. commits, and only then answers its steps.
+
+A read the copy cannot answer (windows of the past, the `expected` reservation's recent
+requests, the month's reloads) is sent after the writes held so far, so it sees them. An org's
+money is locked when a step first moves it (`lock_org`) and read again under the lock. A batch
+that loses a deadlock or serialization race runs again whole; one that fails otherwise runs
+again one step at a time, so that a step that cannot succeed fails alone. One batch runs at a
+time in a process; while it runs, the next one gathers. A step whose caller
+is cancelled still runs to its end, and the caller learns what it did (`to_its_end`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from proxy.ledger import Window, month_of
+from proxy.settings import Tier
+from proxy.store.base import Admission, AdmissionRequest, Settled, Settlement, StoreUnavailable
+from proxy.store.books import Copy, _money_of
+from proxy.store.sql import (
+    _SEAT_COLUMNS,
+    _SEAT_JOINS,
+    RETRIES_MAX,
+    Pending,
+    SqlStore,
+    _SeatRow,
+    to_its_end,
+)
+from proxy.tasks import Tasks
+
+if TYPE_CHECKING:
+    from proxy.store.postgres import PostgresDatabase, PostgresTx
+
+log = structlog.get_logger("proxy.store")
+
+# A batch takes at most this many waiting steps; the rest wait for the next.
+BATCH_STEPS_MAX = 64
+# The answer of a step its batch leaves to a transaction of its own.
+_ALONE = object()
+
+
+@dataclass(frozen=True, slots=True)
+class _Waiting:
+    """A step waiting for its batch: an admission or a settlement, and its answer to come."""
+
+    step: AdmissionRequest | Settlement
+    tiers: Mapping[str, Tier]
+    answer: asyncio.Future[Any]
+
+
+class BatchedStore(SqlStore):
+    """`SqlStore` on PostgreSQL with admissions and settlements committed in batches."""
+
+    def __init__(self, db: PostgresDatabase) -> None:
+        super().__init__(db)
+        self._pg = db
+        self._waiting: list[_Waiting] = []
+        self._runner: asyncio.Task[None] | None = None
+        self._tasks = Tasks()
+        self.batches_committed = 0
+        self.steps_committed = 0
+
+    async def admit(self, request: AdmissionRequest, tiers: Mapping[str, Tier]) -> Admission:
+        return await self._in_batch(request, tiers)
+
+    async def settle(self, settlement: Settlement, tiers: Mapping[str, Tier]) -> Settled | None:
+        return await self._in_batch(settlement, tiers)
+
+    async def _in_batch(
+        self, step: AdmissionRequest | Settlement, tiers: Mapping[str, Tier]
+    ) -> Any:
+        answer = asyncio.get_running_loop().create_future()
+        self._waiting.append(_Waiting(step, tiers, answer))
+        if self._runner is None:
+            self._runner = self._tasks.spawn(self._run(), name="store batches")
+        return await to_its_end(answer)
+
+    async def _run(self) -> None:
+        batch: list[_Waiting] = []
+        try:
+            while self._waiting:
+                batch = self._waiting[:BATCH_STEPS_MAX]
+                del self._waiting[:BATCH_STEPS_MAX]
+                await self._commit(batch)
+        except BaseException as exc:  # cancelled (the loop is closing): no step waits forever
+            for waiting in batch + self._waiting:
+                if not waiting.answer.done():
+                    waiting.answer.set_exception(StoreUnavailable(f"the store stopped: {exc!r}"))
+            self._waiting.clear()
+            raise
+        finally:
+            self._runner = None
+
+    async def _commit(self, batch: list[_Waiting]) -> None:
+        """Answer every step of the batch: in one transaction, or (see `_alone`) on its own."""
+        for attempt in range(1, RETRIES_MAX + 1):
+            try:
+                answers = await self._once(batch)
+            except Exception as exc:
+                if attempt < RETRIES_MAX and self._pg.retryable(exc):
+                    log.info("transaction_retried", step="batch", attempt=attempt)
+                    await asyncio.sleep(0.001 * 2**attempt)
+                    continue
+                if len(batch) > 1 and not isinstance(exc, StoreUnavailable):
+                    answers = [_ALONE] * len(batch)  # a step that cannot succeed fails alone
+                    break
+                for waiting in batch:
+                    waiting.answer.set_exception(exc)
+                return
+            self.batches_committed += 1
+            self.steps_committed += sum(answer is not _ALONE for answer in answers)
+            break
+        for waiting, answer in zip(batch, answers, strict=True):
+            if answer is _ALONE:
+                self._tasks.spawn(self._alone(waiting), name="store step")
+            else:
+                waiting.answer.set_result(answer)
+
+    async def _once(self, batch: list[_Waiting]) -> list[Any]:
+        """The batch's transaction: each step's answer, or _ALONE for a step it did not run."""
+        async with self._pg.transaction() as tx:
+            books = _Batch(self._pg, tx)
+            locked = await books.lock([waiting.step for waiting in batch])
+            answers: list[Any] = []
+            for waiting, ready in zip(batch, locked, strict=True):
+                if not ready:
+                    answers.append(_ALONE)
+                elif isinstance(waiting.step, AdmissionRequest):
+                    answers.append(await books.admit(waiting.step, waiting.tiers))
+                else:
+                    answers.append(await books.settle(waiting.step, waiting.tiers))
+            await books.held.send()
+        return answers
+
+    async def _alone(self, waiting: _Waiting) -> None:
+        """A step in a transaction of its own, as `SqlStore` runs it: one whose rows another
+        transaction holds (it waits for them on its own connection while batches go on), or
+        one of a batch that failed."""
+        try:
+            if isinstance(waiting.step, AdmissionRequest):
+                answer: Any = await super().admit(waiting.step, waiting.tiers)
+            else:
+                answer = await super().settle(waiting.step, waiting.tiers)
+        except Exception as exc:
+            waiting.answer.set_exception(exc)
+        else:
+            waiting.answer.set_result(answer)
+
+    async def close(self) -> None:
+        await self._tasks.drain()  # the batch running, and the steps waiting for the next
+        await super().close()
+
+
+class _Held:
+    """The `Tx` the steps of a batch see: writes held back until `send`, reads sent after them."""
+
+    def __init__(self, tx: PostgresTx, books: _Batch) -> None:
+        self._tx = tx
+        self._books = books
+        self._writes: list[tuple[str, Sequence[Any]]] = []
+        self._orgs_locked: set[str] = set()
+
+    async def __aenter__(self) -> _Held:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        """The batch's transaction commits (or rolls back) once every step has run."""
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        self._writes.append((sql, params))
+        return 1  # not known yet; admission and settlement never ask
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        self._writes += [(sql, row) for row in rows]
+
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        await self.send()
+        return await self._tx.fetch(sql, params)
+
+    async def fetchrow(self, sql: str, params: Sequence[Any] = ()) -> Any | None:
+        await self.send()
+        return await self._tx.fetchrow(sql, params)
+
+    async def lock_org(self, org_id: str) -> bool:
+        """Lock the org's row once a batch; its money is then read again, under the lock."""
+        if org_id in self._orgs_locked:
+            return False
+        await self.send()
+        await self._tx.lock_org(org_id)
+        self._orgs_locked.add(org_id)
+        self._books._forget_org(org_id)
+        return True
+
+    async def lock_named(self, name: str) -> None:
+        await self.send()
+        await self._tx.lock_named(name)
+
+    async def send(self) -> None:
+        """The writes held so far, one round trip per statement: inserts first (see above)."""
+        rows_by_sql: dict[str, list[Sequence[Any]]] = {}
+        for sql, params in self._writes:
+            rows_by_sql.setdefault(sql, []).append(params)
+        self._writes = []
+        for sql, rows in sorted(rows_by_sql.items(), key=lambda item: not _inserts(item[0])):
+            await self._tx.executemany(sql, rows)
+
+
+class _OneTransaction:
+    """The `Database` the steps of a batch see: its one transaction, open across them."""
+
+    yields_mid_transaction = False  # the batch runs to its end (BatchedStore._in_batch)
+
+    def __init__(self, db: PostgresDatabase, held: _Held) -> None:
+        self._db = db
+        self._held = held
+
+    def transaction(self) -> _Held:
+        return self._held
+
+    def for_update(self, tables: str) -> str:
+        return self._db.for_update(tables)
+
+
+class _Batch(Copy):
+    """The books of one batch: read under the batch's locks, forgotten with it."""
+
+    def __init__(self, db: PostgresDatabase, tx: PostgresTx) -> None:
+        self.held = _Held(tx, self)
+        super().__init__(_OneTransaction(db, self.held))  # type: ignore[arg-type]
+        self._tx = tx
+
+    async def lock(self, steps: Sequence[AdmissionRequest | Settlement]) -> list[bool]:
+        """Lock and read the books of the steps in three statements; for each step, whether its
+        rows are locked here. Rows another transaction holds are skipped (SKIP LOCKED), and so
+        are requests no longer pending: those steps run on their own (`BatchedStore._alone`)."""
+        settling = [s.request_id for s in steps if isinstance(s, Settlement)]
+        if settling:
+            rows = await self._tx.fetch(
+                "SELECT id, member_id, model, billing, reserved_nanos, extra_reserved_nanos, "
+                "month, session_started_at_s, weekly_started_at_s FROM requests "
+                "WHERE id = ANY(?) AND status = 'pending' FOR UPDATE SKIP LOCKED",
+                (settling,),
+            )
+            self._pending = {row[0]: Pending(*tuple(row)[1:]) for row in rows}
+        at_s: dict[int, float] = {}  # member id -> the instant of the member's first step
+        for s in steps:
+            if isinstance(s, AdmissionRequest):
+                at_s.setdefault(s.member_id, s.created_at_s)
+            elif s.request_id in self._pending:
+                at_s.setdefault(self._pending[s.request_id].member_id, s.settled_at_s)
+        if at_s:
+            await self._read_books(at_s)
+        return [
+            (s.member_id if isinstance(s, AdmissionRequest) else self._member_of(s)) in self._seats
+            for s in steps
+        ]
+
+    def _member_of(self, settlement: Settlement) -> int | None:
+        pending = self._pending.get(settlement.request_id)
+        return pending.member_id if pending else None
+
+    async def _read_books(self, at_s: Mapping[int, float]) -> None:
+        """The seats (locked), newest windows and month spend of these members."""
+        rows = await self._tx.fetch(
+            f"SELECT {_SEAT_COLUMNS} FROM members m {_SEAT_JOINS} WHERE m.id = ANY(?) "
+            f"ORDER BY m.id{self._db.for_update('m')} SKIP LOCKED",
+            (sorted(at_s),),
+        )
+        spend_keys: set[tuple[str, int, str]] = set()
+        for row in rows:
+            seat = self._seats[row[0]] = _SeatRow(*row)
+            self._money[seat.org_id] = _money_of(seat)
+            self._windows[seat.member_id] = {}
+            month = month_of(at_s[seat.member_id], seat.timezone)
+            spend_keys |= {(seat.org_id, 0, month), (seat.org_id, seat.member_id, month)}
+        if not spend_keys:
+            return
+        orgs, members, months = zip(*sorted(spend_keys), strict=True)
+        rows = await self._tx.fetch(
+            "SELECT * FROM (SELECT DISTINCT ON (member_id, kind) 'window', member_id, kind, "
+            "started_at_s, ends_at_s, used_nanos, reserved_nanos FROM windows "
+            "WHERE member_id = ANY(?) ORDER BY member_id, kind, started_at_s DESC) newest "
+            "UNION ALL SELECT 'spend', member_id, org_id || ' ' || month, NULL, NULL, "
+            "posted_nanos, reserved_nanos FROM spend WHERE (org_id, member_id, month) IN "
+            "(SELECT * FROM unnest(?::text[], ?::bigint[], ?::text[]))",
+            (list(self._windows), list(orgs), list(members), list(months)),
+        )
+        self._spent = dict.fromkeys(spend_keys, (0, 0))
+        for what, member_id, kind, started, ends, used, held in rows:
+            if what == "window":
+                self._windows[member_id][kind] = Window(kind, started, ends, 0, used, held)
+            else:
+                org_id, month = kind.rsplit(" ", 1)  # a month has no space; an org id may
+                self._spent[(org_id, member_id, month)] = (used, held)
+
+
+def _inserts(sql: str) -> bool:
+    return sql.lstrip().upper().startswith("INSERT")
