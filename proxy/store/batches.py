@@ -5,9 +5,9 @@ A step on its own costs a dozen round trips to the server (BEGIN, the seat locke
 each write, COMMIT), and at a few hundred a second those round trips were most of the proxy's CPU
 (README "Performance"). A batch of steps, in one transaction:
 
-1. locks and reads what its steps need in three statements: the requests to settle and the
-   members' seats (both `FOR UPDATE`, members in id order), then the members' newest windows and
-   the month's spend. Rows another transaction holds are skipped (`SKIP LOCKED`): their steps
+1. locks and reads what its steps need in one statement (`_BOOKS_SQL`): the requests to settle
+   and the members' seats (both `FOR UPDATE`, members in id order), with the members' newest
+   windows and the month's spend. Rows another transaction holds are skipped (`SKIP LOCKED`): their steps
    run alone, each in a transaction of its own that waits for them, as every step did before
    batches, so that a member whose row another replica (or an admin) holds stalls no one else;
 2. decides each step in turn with `SqlStore`'s own code, against that copy of the books
@@ -30,8 +30,9 @@ is cancelled still runs to its end, and the caller learns what it did (`to_its_e
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -253,68 +254,93 @@ class _Batch(Copy):
         self._tx = tx
 
     async def lock(self, steps: Sequence[AdmissionRequest | Settlement]) -> list[bool]:
-        """Lock and read the books of the steps in three statements; for each step, whether its
-        rows are locked here. Rows another transaction holds are skipped (SKIP LOCKED), and so
-        are requests no longer pending: those steps run on their own (`BatchedStore._alone`)."""
+        """Lock and read the books of the steps in one statement (`_BOOKS_SQL`); for each step,
+        whether its rows are locked here. Rows another transaction holds are skipped (SKIP
+        LOCKED), and so are requests no longer pending: those steps run on their own
+        (`BatchedStore._alone`)."""
         settling = [s.request_id for s in steps if isinstance(s, Settlement)]
-        if settling:
-            rows = await self._tx.fetch(
-                "SELECT id, member_id, model, billing, reserved_nanos, extra_reserved_nanos, "
-                "month, session_started_at_s, weekly_started_at_s FROM requests "
-                "WHERE id = ANY(?) AND status = 'pending' FOR UPDATE SKIP LOCKED",
-                (settling,),
-            )
-            self._pending = {row[0]: Pending(*tuple(row)[1:]) for row in rows}
-        at_s: dict[int, float] = {}  # member id -> the instant of the member's first step
-        for s in steps:
-            if isinstance(s, AdmissionRequest):
-                at_s.setdefault(s.member_id, s.created_at_s)
-            elif s.request_id in self._pending:
-                at_s.setdefault(self._pending[s.request_id].member_id, s.settled_at_s)
-        if at_s:
-            await self._read_books(at_s)
-        return [
+        admitting = sorted({s.member_id for s in steps if isinstance(s, AdmissionRequest)})
+        instants_s = [
+            s.created_at_s if isinstance(s, AdmissionRequest) else s.settled_at_s for s in steps
+        ]
+        rows = await self._tx.fetch(_BOOKS_SQL, (settling, admitting, _months_around(instants_s)))
+        spent: dict[tuple[str, int, str], tuple[int, int]] = {}
+        for row in rows:
+            values = tuple(row)
+            seat = self._seats[values[0]] = _SeatRow(*values[:_SEAT_FIELDS])
+            self._money[seat.org_id] = _money_of(seat)
+            pending, newest, spend = values[_SEAT_FIELDS:]
+            for request_id, *recorded in pending:
+                self._pending[request_id] = Pending(seat.member_id, *recorded)
+            self._windows[seat.member_id] = {
+                kind: Window(kind, started, ends, 0, used, held)
+                for kind, started, ends, used, held in newest
+            }
+            for member_id, month, posted, held in spend:
+                spent[(seat.org_id, member_id, month)] = (posted, held)
+        locked = [
             (s.member_id if isinstance(s, AdmissionRequest) else self._member_of(s)) in self._seats
             for s in steps
         ]
+        for step, ready in zip(steps, locked, strict=True):  # the months the steps decide in
+            if ready:
+                member_id = (
+                    step.member_id if isinstance(step, AdmissionRequest) else self._member_of(step)
+                )
+                seat = self._seats[member_id]
+                month = month_of(
+                    step.created_at_s if isinstance(step, AdmissionRequest) else step.settled_at_s,
+                    seat.timezone,
+                )
+                for key in ((seat.org_id, 0, month), (seat.org_id, member_id, month)):
+                    self._spent[key] = spent.get(key, (0, 0))
+        return locked
 
     def _member_of(self, settlement: Settlement) -> int | None:
         pending = self._pending.get(settlement.request_id)
         return pending.member_id if pending else None
 
-    async def _read_books(self, at_s: Mapping[int, float]) -> None:
-        """The seats (locked), newest windows and month spend of these members."""
-        rows = await self._tx.fetch(
-            f"SELECT {_SEAT_COLUMNS} FROM members m {_SEAT_JOINS} WHERE m.id = ANY(?) "
-            f"ORDER BY m.id{self._db.for_update('m')} SKIP LOCKED",
-            (sorted(at_s),),
-        )
-        spend_keys: set[tuple[str, int, str]] = set()
-        for row in rows:
-            seat = self._seats[row[0]] = _SeatRow(*row)
-            self._money[seat.org_id] = _money_of(seat)
-            self._windows[seat.member_id] = {}
-            month = month_of(at_s[seat.member_id], seat.timezone)
-            spend_keys |= {(seat.org_id, 0, month), (seat.org_id, seat.member_id, month)}
-        if not spend_keys:
-            return
-        orgs, members, months = zip(*sorted(spend_keys), strict=True)
-        rows = await self._tx.fetch(
-            "SELECT * FROM (SELECT DISTINCT ON (member_id, kind) 'window', member_id, kind, "
-            "started_at_s, ends_at_s, used_nanos, reserved_nanos FROM windows "
-            "WHERE member_id = ANY(?) ORDER BY member_id, kind, started_at_s DESC) newest "
-            "UNION ALL SELECT 'spend', member_id, org_id || ' ' || month, NULL, NULL, "
-            "posted_nanos, reserved_nanos FROM spend WHERE (org_id, member_id, month) IN "
-            "(SELECT * FROM unnest(?::text[], ?::bigint[], ?::text[]))",
-            (list(self._windows), list(orgs), list(members), list(months)),
-        )
-        self._spent = dict.fromkeys(spend_keys, (0, 0))
-        for what, member_id, kind, started, ends, used, held in rows:
-            if what == "window":
-                self._windows[member_id][kind] = Window(kind, started, ends, 0, used, held)
-            else:
-                org_id, month = kind.rsplit(" ", 1)  # a month has no space; an org id may
-                self._spent[(org_id, member_id, month)] = (used, held)
+
+def _months_around(instants_s: Sequence[float]) -> list[str]:
+    """Every calendar month any of these instants may fall in, in any time zone (UTC-12 to
+    UTC+14): the months of each instant 14 hours earlier and later, in UTC."""
+    return sorted(
+        {
+            time.strftime("%Y-%m", time.gmtime(at_s + shift_s))
+            for at_s in instants_s
+            for shift_s in (-ZONE_OFFSET_MAX_S, ZONE_OFFSET_MAX_S)
+        }
+    )
+
+
+_SEAT_FIELDS = len(fields(_SeatRow))
+ZONE_OFFSET_MAX_S = 14 * 3600
+# A batch's books in one statement: the requests to settle, then the members' rows (the
+# admitting members', and the settling requests' members), each locked, members in id order;
+# with each member, its requests to settle, its newest window of each kind and the month spend
+# of its org (member 0) and of itself, in the months the batch's instants may fall in.
+_BOOKS_SQL = f"""
+WITH settling AS (
+    SELECT id, member_id, model, billing, reserved_nanos, extra_reserved_nanos, month,
+        session_started_at_s, weekly_started_at_s
+    FROM requests WHERE id = ANY(?::text[]) AND status = 'pending' FOR UPDATE SKIP LOCKED
+), seats ({", ".join(f.name for f in fields(_SeatRow))}) AS (
+    SELECT {_SEAT_COLUMNS} FROM members m {_SEAT_JOINS}
+    WHERE m.id = ANY(?::bigint[]) OR m.id IN (SELECT member_id FROM settling)
+    ORDER BY m.id FOR UPDATE OF m SKIP LOCKED
+)
+SELECT seats.*,
+    ARRAY(SELECT ROW(r.id, r.model, r.billing, r.reserved_nanos, r.extra_reserved_nanos, r.month,
+        r.session_started_at_s, r.weekly_started_at_s) FROM settling r
+        WHERE r.member_id = seats.member_id),
+    ARRAY(SELECT ROW(w.kind, w.started_at_s, w.ends_at_s, w.used_nanos, w.reserved_nanos)
+        FROM (SELECT DISTINCT ON (kind) * FROM windows WHERE member_id = seats.member_id
+            ORDER BY kind, started_at_s DESC) w),
+    ARRAY(SELECT ROW(s.member_id, s.month, s.posted_nanos, s.reserved_nanos) FROM spend s
+        WHERE s.org_id = seats.org_id AND s.member_id IN (0, seats.member_id)
+            AND s.month = ANY(?::text[]))
+FROM seats ORDER BY seats.member_id
+"""
 
 
 def _inserts(sql: str) -> bool:
