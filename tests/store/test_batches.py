@@ -7,10 +7,11 @@ import asyncio
 import tomllib
 from collections.abc import AsyncIterator
 
+import asyncpg
 import pytest
 
 from proxy.auth import hash_key
-from proxy.ledger import Admitted
+from proxy.ledger import Admitted, Unaffordable, month_of
 from proxy.orgfile import parse_orgs
 from proxy.settings import StoreSettings
 from proxy.store import open_store
@@ -20,17 +21,23 @@ from tests.store.test_contract import NOW_S, PLANS, TIERS, asking, settling
 
 
 @pytest.fixture
-async def store() -> AsyncIterator[BatchedStore]:
-    async with postgres_schema() as url:
-        opened = await open_store(StoreSettings(url=url))
-        assert isinstance(opened, BatchedStore)
-        try:
-            await opened.apply_orgs(
-                parse_orgs(tomllib.loads(DEFAULT_ORGS), "orgs.toml", PLANS), NOW_S
-            )
-            yield opened
-        finally:
-            await opened.close()
+async def url() -> AsyncIterator[str]:
+    async with postgres_schema() as schema_url:
+        yield schema_url
+
+
+@pytest.fixture
+async def store(url: str) -> AsyncIterator[BatchedStore]:
+    opened = await open_store(StoreSettings(url=url))
+    assert isinstance(opened, BatchedStore)
+    try:
+        orgs = DEFAULT_ORGS.replace(
+            "credits_usd = 100", "credits_usd = 100\nmonthly_spend_limit_usd = 0.04"
+        )
+        await opened.apply_orgs(parse_orgs(tomllib.loads(orgs), "orgs.toml", PLANS), NOW_S)
+        yield opened
+    finally:
+        await opened.close()
 
 
 async def member(store: BatchedStore, key: str) -> int:
@@ -83,3 +90,41 @@ async def test_a_step_that_cannot_succeed_fails_alone(store: BatchedStore) -> No
     assert isinstance(results[0].decision, Admitted) and isinstance(results[2].decision, Admitted)
     assert await reserved_nanos(store, bob) == 8_000
     assert await store.get_request("a1") is None  # nothing of the failed step went in
+
+
+async def test_an_org_locked_mid_batch_is_read_again_under_its_lock(
+    store: BatchedStore, url: str
+) -> None:
+    """Another replica spends the org's limit while alice's batch waits for the org's row: her
+    extra usage is decided on what that replica committed, not on the books read before."""
+    alice = await member(store, ALICE_KEY)
+    await store.admit(asking(alice, "fill", 1), TIERS)
+    await store.settle(settling("fill", 10_000_000), TIERS)  # her session is spent
+    await store.continue_extra_usage(alice, TIERS, NOW_S)
+    replica = await asyncpg.connect(url)
+    try:
+        transaction = replica.transaction()
+        await transaction.start()
+        await replica.execute("SELECT 1 FROM orgs WHERE id = 'acme' FOR UPDATE")
+        waiting = asyncio.ensure_future(
+            store.admit(asking(alice, "x1", 2_000_000, now_s=NOW_S + 1), TIERS)
+        )
+        for _ in range(200):  # until alice's batch waits for the org's row
+            if await replica.fetchval(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE pg_backend_pid() = ANY(pg_blocking_pids(pid))"
+            ):
+                break
+            await asyncio.sleep(0.02)
+        await replica.execute(  # $0.039 of the org's $0.04 spent meanwhile
+            "INSERT INTO spend (org_id, member_id, month, posted_nanos) "
+            "VALUES ('acme', 0, $1, 39000000) ON CONFLICT (org_id, member_id, month) "
+            "DO UPDATE SET posted_nanos = spend.posted_nanos + 39000000",
+            month_of(NOW_S + 1, "UTC"),
+        )
+        await transaction.commit()
+        admission = await asyncio.wait_for(waiting, 10)
+    finally:
+        await replica.close()
+    assert isinstance(admission.decision, Unaffordable)
+    assert admission.decision.account.name == "org_monthly"

@@ -18,7 +18,7 @@ from proxy.orgfile import parse_orgs
 from proxy.settings import Plans, StoreSettings
 from proxy.store import open_store
 from proxy.store.base import AdmissionRequest, IdempotencyConflict, Settlement, Store
-from tests.conftest import ALICE_KEY, DEFAULT_ORGS, postgres_schema
+from tests.conftest import ALICE_KEY, BOB_KEY, DEFAULT_ORGS, postgres_schema
 
 PLANS = Plans.from_mapping(
     {"tiers": {"standard": {"session_included_usd": 0.01, "included_admission": "worst_case"}}},
@@ -210,6 +210,33 @@ async def test_parallel_extra_usage_never_exceeds_the_org_limit_or_balance(make_
     assert refused == {"org_monthly"}
     # each request costs more than it reserved: the shortfall is posted as an explicit overrun
     await asyncio.gather(*(store.settle(settling(f"p{i}", 2_500_000), TIERS) for i in range(200)))
+    verification = await store.verify(NOW_S + 2)
+    assert verification.mismatches == () and verification.pending_reservations == 0
+
+
+async def test_two_members_spending_one_org_limit_at_once_never_exceed_it(make_store) -> None:
+    """alice's and bob's extra usage interleaved: on PostgreSQL they share batches, and the
+    org's money is read again under its lock, whoever's step takes it first."""
+    store = await make_store(
+        DEFAULT_ORGS.replace(
+            "credits_usd = 100", "credits_usd = 0.05\nmonthly_spend_limit_usd = 0.04"
+        )
+    )
+    members = [await alice(store), (await store.find_seat(hash_key(BOB_KEY))).member_id]
+    for member_id in members:
+        await store.admit(asking(member_id, f"fill{member_id}", 1), TIERS)
+        await store.settle(settling(f"fill{member_id}", 10_000_000), TIERS)
+        await store.continue_extra_usage(member_id, TIERS, NOW_S)
+    admissions = await asyncio.gather(
+        *(
+            store.admit(asking(members[i % 2], f"q{i}", 2_000_000, now_s=NOW_S + 1), TIERS)
+            for i in range(100)
+        )
+    )
+    admitted = [i for i, a in enumerate(admissions) if isinstance(a.decision, Admitted)]
+    assert len(admitted) == 20  # $0.04 org limit / $0.002 worst case
+    assert {i % 2 for i in admitted} == {0, 1}
+    await asyncio.gather(*(store.settle(settling(f"q{i}", 2_000_000), TIERS) for i in range(100)))
     verification = await store.verify(NOW_S + 2)
     assert verification.mismatches == () and verification.pending_reservations == 0
 
