@@ -215,8 +215,7 @@ async def test_parallel_extra_usage_never_exceeds_the_org_limit_or_balance(make_
 
 
 async def test_two_members_spending_one_org_limit_at_once_never_exceed_it(make_store) -> None:
-    """alice's and bob's extra usage interleaved: on PostgreSQL they share batches, and the
-    org's money is read again under its lock, whoever's step takes it first."""
+    """alice's and bob's extra usage interleaved (on PostgreSQL, in shared batches)."""
     store = await make_store(
         DEFAULT_ORGS.replace(
             "credits_usd = 100", "credits_usd = 0.05\nmonthly_spend_limit_usd = 0.04"
@@ -235,7 +234,6 @@ async def test_two_members_spending_one_org_limit_at_once_never_exceed_it(make_s
     )
     admitted = [i for i, a in enumerate(admissions) if isinstance(a.decision, Admitted)]
     assert len(admitted) == 20  # $0.04 org limit / $0.002 worst case
-    assert {i % 2 for i in admitted} == {0, 1}
     await asyncio.gather(*(store.settle(settling(f"q{i}", 2_000_000), TIERS) for i in range(100)))
     verification = await store.verify(NOW_S + 2)
     assert verification.mismatches == () and verification.pending_reservations == 0
