@@ -7,9 +7,10 @@ each write, COMMIT), and at a few hundred a second those round trips were most o
 
 1. locks and reads what its steps need in one statement (`_BOOKS_SQL`): the requests to settle
    and the members' seats (both `FOR UPDATE`, members in id order), with the members' newest
-   windows and the month's spend. Rows another transaction holds are skipped (`SKIP LOCKED`): their steps
-   run alone, each in a transaction of its own that waits for them, as every step did before
-   batches, so that a member whose row another replica (or an admin) holds stalls no one else;
+   windows and the month's spend. Rows another transaction holds are skipped (`SKIP LOCKED`):
+   their steps run alone, each in a transaction of its own that waits for them, as every step
+   did before batches, so that a member whose row another replica (or an admin) holds stalls
+   no one else;
 2. decides each step in turn with `SqlStore`'s own code, against that copy of the books
    (books.py `Copy`), which each write keeps in step; the writes are held back;
 3. sends the held writes, all rows of one statement at once (asyncpg's `executemany` is one round
@@ -23,8 +24,8 @@ requests, the month's reloads) is sent after the writes held so far, so it sees 
 money is locked when a step first moves it (`lock_org`) and read again under the lock. A batch
 that loses a deadlock or serialization race runs again whole; one that fails otherwise runs
 again one step at a time, so that a step that cannot succeed fails alone. One batch runs at a
-time in a process; while it runs, the next one gathers. A step whose caller
-is cancelled still runs to its end, and the caller learns what it did (`to_its_end`).
+time in a process; while it runs, the next one gathers. A step whose caller is cancelled still
+runs to its end, and the caller learns what it did (`to_its_end`).
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ log = structlog.get_logger("proxy.store")
 
 # A batch takes at most this many waiting steps; the rest wait for the next.
 BATCH_STEPS_MAX = 64
+# How far a time zone's clock is from UTC, at most (UTC-12 to UTC+14): the months to read.
+ZONE_OFFSET_MAX_S = 14 * 3600
 # The answer of a step its batch leaves to a transaction of its own.
 _ALONE = object()
 
@@ -260,9 +263,7 @@ class _Batch(Copy):
         (`BatchedStore._alone`)."""
         settling = [s.request_id for s in steps if isinstance(s, Settlement)]
         admitting = sorted({s.member_id for s in steps if isinstance(s, AdmissionRequest)})
-        instants_s = [
-            s.created_at_s if isinstance(s, AdmissionRequest) else s.settled_at_s for s in steps
-        ]
+        instants_s = [self._whose(s)[1] for s in steps]
         rows = await self._tx.fetch(_BOOKS_SQL, (settling, admitting, _months_around(instants_s)))
         spent: dict[tuple[str, int, str], tuple[int, int]] = {}
         for row in rows:
@@ -278,27 +279,23 @@ class _Batch(Copy):
             }
             for member_id, month, posted, held in spend:
                 spent[(seat.org_id, member_id, month)] = (posted, held)
-        locked = [
-            (s.member_id if isinstance(s, AdmissionRequest) else self._member_of(s)) in self._seats
-            for s in steps
-        ]
-        for step, ready in zip(steps, locked, strict=True):  # the months the steps decide in
-            if ready:
-                member_id = (
-                    step.member_id if isinstance(step, AdmissionRequest) else self._member_of(step)
-                )
-                seat = self._seats[member_id]
-                month = month_of(
-                    step.created_at_s if isinstance(step, AdmissionRequest) else step.settled_at_s,
-                    seat.timezone,
-                )
-                for key in ((seat.org_id, 0, month), (seat.org_id, member_id, month)):
+        locked = []
+        for step in steps:  # the spend of the month each step decides in (none yet: zero)
+            member_id, at_s = self._whose(step)
+            seat = self._seats.get(member_id)  # type: ignore[arg-type]
+            locked.append(seat is not None)
+            if seat is not None:
+                month = month_of(at_s, seat.timezone)
+                for key in ((seat.org_id, 0, month), (seat.org_id, seat.member_id, month)):
                     self._spent[key] = spent.get(key, (0, 0))
         return locked
 
-    def _member_of(self, settlement: Settlement) -> int | None:
-        pending = self._pending.get(settlement.request_id)
-        return pending.member_id if pending else None
+    def _whose(self, step: AdmissionRequest | Settlement) -> tuple[int | None, float]:
+        """A step's member (None: a request not read here) and the instant it decides at."""
+        if isinstance(step, AdmissionRequest):
+            return step.member_id, step.created_at_s
+        pending = self._pending.get(step.request_id)
+        return (pending.member_id if pending else None), step.settled_at_s
 
 
 def _months_around(instants_s: Sequence[float]) -> list[str]:
@@ -314,7 +311,6 @@ def _months_around(instants_s: Sequence[float]) -> list[str]:
 
 
 _SEAT_FIELDS = len(fields(_SeatRow))
-ZONE_OFFSET_MAX_S = 14 * 3600
 # A batch's books in one statement: the requests to settle, then the members' rows (the
 # admitting members', and the settling requests' members), each locked, members in id order;
 # with each member, its requests to settle, its newest window of each kind and the month spend

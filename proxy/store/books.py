@@ -1,13 +1,13 @@
-"""The members' books in memory: admission and settlement decided without a round trip a read.
+"""The members' books in memory: the reads of admission and settlement answered without a query.
 
 `Copy` is `SqlStore` answering the reads of admission and settlement from a copy of the books,
 each write applied to the copy too. The SQLite store keeps its copy across steps (`Books`,
 below); the PostgreSQL store reads one for each batch of steps, under the batch's locks, and
 forgets it with the batch (batches.py).
 
-On SQLite: `SqlStore` reads a member's seat, windows and month spend at every admission and again at every
-settlement, and writes and commits its changes before it answers. `Books` runs the same steps,
-the same decisions and the same statements, but
+On SQLite: `SqlStore` reads a member's seat, windows and month spend at every admission and
+again at every settlement, and writes and commits its changes before it answers. `Books` runs
+the same steps, the same decisions and the same statements, but
 
 - answers those reads from a copy of the books it keeps in step with its own writes (each write
   method below applies its change to the copy too), and
