@@ -4,6 +4,7 @@ with the same books as one at a time, and a step that cannot succeed fails alone
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import tomllib
 from collections.abc import AsyncIterator
 
@@ -19,6 +20,9 @@ from proxy.store.batches import BatchedStore
 from tests.conftest import ALICE_KEY, BOB_KEY, DEFAULT_ORGS, postgres_schema
 from tests.store.test_contract import NOW_S, PLANS, TIERS, asking, settling
 
+CAROL_KEY = "sk-test-carol-000000000000000003"
+DAVE_KEY = "sk-test-dave-0000000000000000004"
+
 
 @pytest.fixture
 async def url() -> AsyncIterator[str]:
@@ -33,6 +37,10 @@ async def store(url: str) -> AsyncIterator[BatchedStore]:
     try:
         orgs = DEFAULT_ORGS.replace(
             "credits_usd = 100", "credits_usd = 100\nmonthly_spend_limit_usd = 0.04"
+        ) + "".join(
+            f'\n[[orgs.members]]\nemail = "{name}@acme.test"\nrole = "member"\n'
+            f'tier = "standard"\nkey = "{key}"\n'
+            for name, key in (("carol", CAROL_KEY), ("dave", DAVE_KEY))
         )
         await opened.apply_orgs(parse_orgs(tomllib.loads(orgs), "orgs.toml", PLANS), NOW_S)
         yield opened
@@ -54,20 +62,25 @@ async def reserved_nanos(store: BatchedStore, member_id: int) -> int:
 async def test_steps_waiting_together_commit_in_one_transaction_with_every_write(
     store: BatchedStore,
 ) -> None:
-    """alice has windows already, bob's first admission opens his: in one batch, bob's window
-    must be inserted before any update adds to it, whatever order the steps came in."""
+    """carol's and dave's steps take the two batches that may run at once; the five steps
+    that come meanwhile wait and go together into the next one. In it alice has windows
+    already and bob's first admission opens his: bob's window must be inserted before any
+    update adds to it, whatever order the steps came in."""
     alice, bob = await member(store, ALICE_KEY), await member(store, BOB_KEY)
+    carol, dave = await member(store, CAROL_KEY), await member(store, DAVE_KEY)
     await store.admit(asking(alice, "first", 1_000), TIERS)
     batches_before = store.batches_committed
-    admissions = await asyncio.gather(
+    answers = await asyncio.gather(
+        store.admit(asking(carol, "c1", 1_000), TIERS),
+        store.admit(asking(dave, "d1", 1_000), TIERS),
         store.admit(asking(alice, "a1", 2_000), TIERS),
         store.admit(asking(bob, "b1", 3_000), TIERS),
         store.admit(asking(alice, "a2", 4_000), TIERS),
         store.admit(asking(bob, "b2", 5_000), TIERS),
         store.settle(settling("first", 700), TIERS),
     )
-    assert store.batches_committed == batches_before + 1
-    assert all(isinstance(a.decision, Admitted) for a in admissions[:4])
+    assert store.batches_committed == batches_before + 3
+    assert all(isinstance(a.decision, Admitted) for a in answers[:6])
     assert await reserved_nanos(store, alice) == 2_000 + 4_000
     assert await reserved_nanos(store, bob) == 3_000 + 5_000
     status = await store.member_status(alice, TIERS, NOW_S + 1)
@@ -75,6 +88,31 @@ async def test_steps_waiting_together_commit_in_one_transaction_with_every_write
     for request_id in ("a1", "b1", "a2", "b2"):
         assert (await store.get_request(request_id)).status == "pending"
     assert (await store.get_request("first")).status == "posted"
+
+
+async def test_a_members_steps_wait_for_the_batch_that_has_the_member(
+    store: BatchedStore, url: str
+) -> None:
+    """Two batches run at once only on different members. alice's first admission needs the
+    org's row, which another replica holds: her batch waits. Her second admission waits for
+    that batch (beside it, it would find her row held and run alone), while bob's runs."""
+    alice, bob = await member(store, ALICE_KEY), await member(store, BOB_KEY)
+    await spend_session(store, alice)
+    steps_before = store.steps_committed
+    async with org_held(url) as replica:
+        first = asyncio.ensure_future(
+            store.admit(asking(alice, "a1", 1_000, now_s=NOW_S + 1), TIERS)
+        )
+        await waiting_for(replica)
+        second = asyncio.ensure_future(
+            store.admit(asking(alice, "a2", 1_000, now_s=NOW_S + 1), TIERS)
+        )
+        beside = await asyncio.wait_for(store.admit(asking(bob, "b1", 1_000), TIERS), 10)
+        assert isinstance(beside.decision, Admitted)
+        assert not first.done() and not second.done()
+    for admission in await asyncio.wait_for(asyncio.gather(first, second), 10):
+        assert isinstance(admission.decision, Admitted)
+    assert store.steps_committed == steps_before + 3  # none ran alone
 
 
 async def test_a_step_that_cannot_succeed_fails_alone(store: BatchedStore) -> None:
@@ -98,33 +136,49 @@ async def test_an_org_locked_mid_batch_is_read_again_under_its_lock(
     """Another replica spends the org's limit while alice's batch waits for the org's row: her
     extra usage is decided on what that replica committed, not on the books read before."""
     alice = await member(store, ALICE_KEY)
-    await store.admit(asking(alice, "fill", 1), TIERS)
-    await store.settle(settling("fill", 10_000_000), TIERS)  # her session is spent
-    await store.continue_extra_usage(alice, TIERS, NOW_S)
-    replica = await asyncpg.connect(url)
-    try:
-        transaction = replica.transaction()
-        await transaction.start()
-        await replica.execute("SELECT 1 FROM orgs WHERE id = 'acme' FOR UPDATE")
+    await spend_session(store, alice)
+    async with org_held(url) as replica:
         waiting = asyncio.ensure_future(
             store.admit(asking(alice, "x1", 2_000_000, now_s=NOW_S + 1), TIERS)
         )
-        for _ in range(200):  # until alice's batch waits for the org's row
-            if await replica.fetchval(
-                "SELECT count(*) FROM pg_stat_activity "
-                "WHERE pg_backend_pid() = ANY(pg_blocking_pids(pid))"
-            ):
-                break
-            await asyncio.sleep(0.02)
+        await waiting_for(replica)
         await replica.execute(  # $0.039 of the org's $0.04 spent meanwhile
             "INSERT INTO spend (org_id, member_id, month, posted_nanos) "
             "VALUES ('acme', 0, $1, 39000000) ON CONFLICT (org_id, member_id, month) "
             "DO UPDATE SET posted_nanos = spend.posted_nanos + 39000000",
             month_of(NOW_S + 1, "UTC"),
         )
-        await transaction.commit()
-        admission = await asyncio.wait_for(waiting, 10)
-    finally:
-        await replica.close()
+    admission = await asyncio.wait_for(waiting, 10)
     assert isinstance(admission.decision, Unaffordable)
     assert admission.decision.account.name == "org_monthly"
+
+
+async def spend_session(store: BatchedStore, member_id: int) -> None:
+    """Spend the member's session and continue: their next admissions draw on extra usage."""
+    await store.admit(asking(member_id, f"fill{member_id}", 1), TIERS)
+    await store.settle(settling(f"fill{member_id}", 10_000_000), TIERS)
+    await store.continue_extra_usage(member_id, TIERS, NOW_S)
+
+
+@contextlib.asynccontextmanager
+async def org_held(url: str) -> AsyncIterator[asyncpg.Connection]:
+    """Another replica's transaction holding the org's row; it commits on leaving."""
+    replica = await asyncpg.connect(url)
+    try:
+        async with replica.transaction():
+            await replica.execute("SELECT 1 FROM orgs WHERE id = 'acme' FOR UPDATE")
+            yield replica
+    finally:
+        await replica.close()
+
+
+async def waiting_for(replica: asyncpg.Connection) -> None:
+    """Until a transaction waits for a lock that this connection holds."""
+    for _ in range(200):
+        if await replica.fetchval(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE pg_backend_pid() = ANY(pg_blocking_pids(pid))"
+        ):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("nothing waits for the lock")
