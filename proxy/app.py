@@ -90,6 +90,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
                 load_orgs(settings.orgs_file, settings.plans), app[CLOCK].now_s()
             )
         app[STORE] = store
+        app[METRICS].watch_store(store)
         app[KEYS] = KeyCache(store, app[CLOCK], settings.server.key_cache_s)
         links = ContinueLinks(await store.secret("continue_link"), settings.server.public_url)
         alerts = Alerts(store, app[WEBHOOKS])

@@ -6,6 +6,8 @@ token), models are the canonical ids of pricing.toml, and no member, org or key 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from aiohttp import web
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -15,9 +17,12 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
 
 from proxy.appkeys import METRICS, STORE
 from proxy.exchange import Exchange
+from proxy.store.base import Store
+from proxy.store.batches import BatchedStore
 from proxy.tasks import Tasks
 
 REFUSED = "refused_"
@@ -129,12 +134,19 @@ class Metrics:
             "replicas when they share one).",
             registry=r,
         )
+        self._batches = _StoreBatches()
+        r.register(self._batches)
         # Labelled children, looked up once (labels() costs ~1 us a call); their keys are the
         # labels' own values, so these are bounded as the label sets are.
         # model -> its token counters in TOKEN_KINDS order
         self._tokens_by_model: dict[str, list[Counter]] = {}
         self._requests_by_labels: dict[tuple[str, ...], Counter] = {}
         self._cost_by_labels: dict[tuple[str, ...], Counter] = {}
+
+    def watch_store(self, store: Store) -> None:
+        """Count the batches of the PostgreSQL store (there are none on SQLite)."""
+        if isinstance(store, BatchedStore):
+            self._batches.store = store
 
     def observe(self, ex: Exchange, *, route: str, status: int, duration_s: float) -> None:
         """Record one finished request (called once, from the middleware's `finally`)."""
@@ -166,6 +178,38 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _StoreBatches:
+    """The PostgreSQL store's group commit (store/batches.py), read at each scrape: steps over
+    batches is the steps a batch; steps alone are those whose rows another transaction held."""
+
+    def __init__(self) -> None:
+        self.store: BatchedStore | None = None
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        if self.store is None:
+            return
+        for name, text, value in (
+            (
+                "batches",
+                "Transactions of admissions and settlements committed together (group "
+                "commit, PostgreSQL).",
+                self.store.batches_committed,
+            ),
+            (
+                "batched_steps",
+                "Admissions and settlements committed in those transactions.",
+                self.store.steps_committed,
+            ),
+            (
+                "steps_alone",
+                "Admissions and settlements that a batch left to a transaction of "
+                "their own (their rows were held elsewhere, or their batch failed).",
+                self.store.steps_alone,
+            ),
+        ):
+            yield CounterMetricFamily(f"usage_proxy_store_{name}", text, value=value)
 
 
 def _child(children: dict[tuple[str, ...], Counter], metric: Counter, *labels: str) -> Counter:

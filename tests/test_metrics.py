@@ -197,3 +197,22 @@ def test_added_latency_is_the_proxy_s_own_time(
     ex: Exchange, duration_s: float, added_s: float | None
 ) -> None:
     assert added_latency_s(ex, duration_s) == pytest.approx(added_s)
+
+
+@pytest.mark.both_stores
+async def test_the_postgresql_stores_batches_are_counted(start_proxy, store_url: str) -> None:
+    proxy = await start_proxy()
+    client = sdk(proxy)
+    await asyncio.gather(
+        *(client.messages.create(model=SONNET, max_tokens=64, messages=PROMPT) for _ in range(3))
+    )
+    await settled(proxy, 3)
+    metrics = await scrape(proxy)
+    batches = metrics.value("usage_proxy_store_batches_total")
+    steps = metrics.value("usage_proxy_store_batched_steps_total")
+    if store_url.startswith("sqlite"):  # its own group commit has no such counters
+        assert "usage_proxy_store_batches" not in metrics.text
+        return
+    assert steps == 6  # three admissions, three settlements
+    assert 2 <= batches <= 6  # admissions and settlements of one request never share a batch
+    assert metrics.value("usage_proxy_store_steps_alone_total") == 0

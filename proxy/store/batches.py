@@ -82,7 +82,7 @@ class _Waiting:
 
 class BatchedStore(SqlStore):
     """`SqlStore` on PostgreSQL with admissions and settlements committed in batches (the
-    counters below say how many: tests and benchmarks read them)."""
+    counters below say how many: /metrics reads them, metrics.py)."""
 
     def __init__(self, db: PostgresDatabase) -> None:
         super().__init__(db)
@@ -94,6 +94,7 @@ class BatchedStore(SqlStore):
         self._tasks = Tasks()
         self.batches_committed = 0
         self.steps_committed = 0
+        self.steps_alone = 0  # left by their batch to a transaction of their own
 
     async def admit(self, request: AdmissionRequest, tiers: Mapping[str, Tier]) -> Admission:
         admission: Admission = await self._in_batch(request, request.member_id, tiers)
@@ -168,6 +169,7 @@ class BatchedStore(SqlStore):
             break
         for waiting, answer in zip(batch, answers, strict=True):
             if answer is _ALONE:
+                self.steps_alone += 1
                 self._tasks.spawn(self._alone(waiting), name="store step")
             else:
                 waiting.answer.set_result(answer)
