@@ -181,12 +181,7 @@ class BatchedStore(SqlStore):
             locked = await books.lock([waiting.step for waiting in batch])
             answers: list[Any] = []
             for waiting, ready in zip(batch, locked, strict=True):
-                if not ready:
-                    answers.append(_ALONE)
-                elif isinstance(waiting.step, AdmissionRequest):
-                    answers.append(await books.admit(waiting.step, waiting.tiers))
-                else:
-                    answers.append(await books.settle(waiting.step, waiting.tiers))
+                answers.append(await _run_step(books, waiting) if ready else _ALONE)
             await books.held.send()
         return answers
 
@@ -195,10 +190,7 @@ class BatchedStore(SqlStore):
         transaction holds (it waits for them on its own connection while batches go on), or
         one of a batch that failed."""
         try:
-            if isinstance(waiting.step, AdmissionRequest):
-                answer: Any = await super().admit(waiting.step, waiting.tiers)
-            else:
-                answer = await super().settle(waiting.step, waiting.tiers)
+            answer = await _run_step(super(), waiting)
         except Exception as exc:
             waiting.answer.set_exception(exc)
         else:
@@ -207,6 +199,13 @@ class BatchedStore(SqlStore):
     async def close(self) -> None:
         await self._tasks.drain()  # the batch running, and the steps waiting for the next
         await super().close()
+
+
+async def _run_step(store: SqlStore, waiting: _Waiting) -> Any:
+    """The waiting step, run by `store`: its admission or its settlement."""
+    if isinstance(waiting.step, AdmissionRequest):
+        return await store.admit(waiting.step, waiting.tiers)
+    return await store.settle(waiting.step, waiting.tiers)
 
 
 class _Held:
@@ -294,7 +293,7 @@ class _Batch(Copy):
         (`BatchedStore._alone`)."""
         settling = [s.request_id for s in steps if isinstance(s, Settlement)]
         admitting = sorted({s.member_id for s in steps if isinstance(s, AdmissionRequest)})
-        instants_s = [self._whose(s)[1] for s in steps]
+        instants_s = [_decided_at_s(s) for s in steps]
         rows = await self._tx.fetch(_BOOKS_SQL, (settling, admitting, _months_around(instants_s)))
         spent: dict[tuple[str, int, str], tuple[int, int]] = {}
         for row in rows:
@@ -312,21 +311,33 @@ class _Batch(Copy):
                 spent[(seat.org_id, member_id, month)] = (posted, held)
         locked = []
         for step in steps:  # the spend of the month each step decides in (none yet: zero)
-            member_id, at_s = self._whose(step)
-            seat = self._seats.get(member_id)  # type: ignore[arg-type]
+            seat = self._seats.get(self._member_of(step))  # type: ignore[arg-type]
             locked.append(seat is not None)
             if seat is not None:
-                month = month_of(at_s, seat.timezone)
+                month = month_of(_decided_at_s(step), seat.timezone)
                 for key in ((seat.org_id, 0, month), (seat.org_id, seat.member_id, month)):
                     self._spent[key] = spent.get(key, (0, 0))
         return locked
 
-    def _whose(self, step: AdmissionRequest | Settlement) -> tuple[int | None, float]:
-        """A step's member (None: a request not read here) and the instant it decides at."""
+    def _forget_org(self, org_id: str) -> None:
+        """Forget the org's money and month spend, and its members' seats (which carry them)."""
+        self._money.pop(org_id, None)
+        for member_id in [m for m, seat in self._seats.items() if seat.org_id == org_id]:
+            del self._seats[member_id]
+        for key in [key for key in self._spent if key[0] == org_id]:
+            del self._spent[key]
+
+    def _member_of(self, step: AdmissionRequest | Settlement) -> int | None:
+        """A step's member; None for a request to settle that was not read here."""
         if isinstance(step, AdmissionRequest):
-            return step.member_id, step.created_at_s
+            return step.member_id
         pending = self._pending.get(step.request_id)
-        return (pending.member_id if pending else None), step.settled_at_s
+        return pending.member_id if pending else None
+
+
+def _decided_at_s(step: AdmissionRequest | Settlement) -> float:
+    """The instant a step decides at (its month is that instant's, in the org's time zone)."""
+    return step.created_at_s if isinstance(step, AdmissionRequest) else step.settled_at_s
 
 
 def _months_around(instants_s: Sequence[float]) -> list[str]:

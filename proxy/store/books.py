@@ -130,14 +130,6 @@ class Copy(SqlStore):
         self._spent.clear()
         self._pending.clear()
 
-    def _forget_org(self, org_id: str) -> None:
-        """Forget the org's money and month spend, and its members' seats (which carry them)."""
-        self._money.pop(org_id, None)
-        for member_id in [m for m, seat in self._seats.items() if seat.org_id == org_id]:
-            del self._seats[member_id]
-        for key in [key for key in self._spent if key[0] == org_id]:
-            del self._spent[key]
-
     def _before_read(self) -> None:
         """Called before the seat is read outside a step decided in memory."""
 
