@@ -7,7 +7,7 @@ import dataclasses
 import time
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
 from proxy.appkeys import (
@@ -349,7 +349,7 @@ async def _relay_stream(
             app[METRICS].open_streams.inc()
             meter = SseMeter()
             try:
-                ex.outcome = await _pump(up, response, meter)
+                ex.outcome = await _pump(request, up, response, meter)
             except asyncio.CancelledError:
                 ex.outcome = "client_disconnected"
                 raise
@@ -366,20 +366,57 @@ async def _relay_stream(
         raise
 
 
-async def _pump(up: Response, response: web.StreamResponse, meter: SseMeter) -> str:
-    """Copy upstream chunks to the client as they arrive; return how the stream ended."""
+async def _pump(
+    request: web.Request, up: Response, response: web.StreamResponse, meter: SseMeter
+) -> str:
+    """Copy upstream chunks to the client as they arrive; return how the stream ended.
+
+    The first chunk goes out with the response head (aiohttp sends them in one write). Every
+    later one is metered and written from the upstream connection's own callback as it arrives
+    (`Response.push`), with no task switch between reading it and writing it on."""
     try:
-        async for chunk in up.chunks():
+        chunk = await up.next_chunk()
+        if chunk:
             meter.feed(chunk)
-            try:
-                await response.write(chunk)
-            except ConnectionResetError:
-                return "client_disconnected"
+            await response.write(chunk)
+            chunked = response.headers.get(hdrs.TRANSFER_ENCODING) == "chunked"  # set by prepare()
+            sink = _ClientSink(request, chunked, meter)
+            while not await up.push(sink):
+                if sink.client_left:
+                    return "client_disconnected"
+                await request.writer.drain()  # the client reads slowly: wait for it
     except UpstreamError:
         return "upstream_cut"
+    except ConnectionResetError:
+        return "client_disconnected"
     if meter.completed:
         return "ok"
     return "upstream_error_event" if meter.error_type else "upstream_cut"
+
+
+class _ClientSink:
+    """Writes a stream's chunks to its client as `Response.push` hands them over, metering each
+    first; answers False to stop the push when the client left or its send buffer is full."""
+
+    __slots__ = ("_chunked", "_high_water_bytes", "_meter", "_transport", "client_left")
+
+    def __init__(self, request: web.Request, chunked: bool, meter: SseMeter) -> None:
+        transport = request.transport
+        assert transport is not None  # the response was just written to it
+        self._transport = transport
+        self._high_water_bytes = transport.get_write_buffer_limits()[1]
+        self._chunked = chunked  # HTTP/1.1: each chunk framed as aiohttp's writer would
+        self._meter = meter
+        self.client_left = False
+
+    def __call__(self, chunk: bytes) -> bool:
+        self._meter.feed(chunk)
+        transport = self._transport
+        if transport.is_closing():
+            self.client_left = True
+            return False
+        transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if self._chunked else chunk)
+        return transport.get_write_buffer_size() <= self._high_water_bytes
 
 
 def _stream_usage(app: web.Application, meter: SseMeter) -> Usage | None:

@@ -13,6 +13,9 @@ no redirects, no cookies, no proxies; `identity` bodies, or gzip/deflate decoded
   reused, before a server's own keep-alive timeout closes them under a request.
 - Timeouts: `connect_timeout_s` to open a connection (TLS included); `read_timeout_s` without a
   byte from the server while a response is awaited (the head or the next part of the body).
+- Bodies: read whole (`read`), piece by piece by a task (`next_chunk`, `chunks`), or pushed
+  (`push`): each piece handed to a callable from the connection's own callback as it arrives,
+  with no task woken a piece (the proxy's streams: README "Performance").
 - Flow: a body buffered beyond HIGH_WATER_BYTES pauses reading from the server until the reader
   has taken it below LOW_WATER_BYTES; a slow client so slows the upstream, not our memory.
 - Errors: `UpstreamError` (refused, reset, closed early, not HTTP), and `UpstreamTimeout`.
@@ -25,7 +28,7 @@ import asyncio
 import ssl
 import zlib
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from urllib.parse import urlsplit
 
 import httptools
@@ -215,6 +218,8 @@ class _Connection(asyncio.Protocol):
             return
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:  # our own code failed (a push's sink):
+            self._fail(exc.__context__ or exc)  # its reader gets that error, not the server's
         except httptools.HttpParserError as exc:
             self._fail(UpstreamError(f"the upstream answer is not valid HTTP/1.1: {exc}"))
 
@@ -266,7 +271,7 @@ class _Connection(asyncio.Protocol):
             error = response.finish()
             self._client._finished(self, reusable=reusable and self.usable and error is None)
 
-    def _fail(self, error: UpstreamError) -> None:
+    def _fail(self, error: Exception) -> None:
         response, self._response = self._response, None
         self._disarm()
         self.close()
@@ -305,6 +310,8 @@ class Response:
         "_done",
         "_error",
         "_head",
+        "_sink",
+        "_sink_stopped",
         "_waiter",
         "head_only",
         "headers",
@@ -318,8 +325,10 @@ class Response:
         self._buffered = 0
         self._decoder: zlib._Decompress | None = None
         self._done = False
-        self._error: UpstreamError | None = None
+        self._error: Exception | None = None
         self._head = False
+        self._sink: Callable[[bytes], bool] | None = None
+        self._sink_stopped = False
         self._waiter: asyncio.Future[None] | None = None
         self.head_only = head_only
         self.status = 0
@@ -353,6 +362,11 @@ class Response:
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body's bytes as they arrive, in the pieces they arrived in."""
+        while chunk := await self.next_chunk():
+            yield chunk
+
+    async def next_chunk(self) -> bytes:
+        """The next piece of the body as it arrived; b"" once the body has ended."""
         chunks = self._chunks
         while True:
             if chunks:
@@ -360,13 +374,39 @@ class Response:
                 self._buffered -= len(chunk)
                 if not self._done and self._buffered < LOW_WATER_BYTES:
                     self._conn.resume()  # a no-op unless paused
-                yield chunk
-            elif self._error is not None:
+                return chunk
+            if self._error is not None:
                 raise self._error
-            elif self._done:
-                return
-            else:
-                await self._wait()
+            if self._done:
+                return b""
+            await self._wait()
+
+    async def push(self, sink: Callable[[bytes], bool]) -> bool:
+        """Hand the body to `sink` piece by piece as it arrives, called from the connection's
+        own callback: no task switch a piece. Answer True once the body has ended, False as soon
+        as `sink` answers False (its own buffer is full, or its reader left): what arrives
+        meanwhile waits here, up to HIGH_WATER_BYTES as for `chunks()`, until the next call.
+        Raise the UpstreamError that cut it."""
+        chunks = self._chunks
+        while True:
+            while chunks:  # arrived before, or after the sink last said stop
+                chunk = chunks.popleft()
+                self._buffered -= len(chunk)
+                if not sink(chunk):
+                    return False
+            if self._error is not None:
+                raise self._error
+            if self._done:
+                return True
+            self._sink = sink
+            self._conn.resume()
+            try:
+                await self._wait()  # woken at the end, or when the sink says stop
+            finally:
+                self._sink = None
+            if self._sink_stopped:
+                self._sink_stopped = False
+                return False
 
     def release(self) -> None:
         """Done with it: a response not read to its end closes its connection (the server
@@ -409,13 +449,20 @@ class Response:
                 return
             if not chunk:
                 return
+        sink = self._sink
+        if sink is not None:
+            if not sink(chunk):
+                self._sink = None  # what follows waits in _chunks until the next push()
+                self._sink_stopped = True
+                self._wake()
+            return
         self._chunks.append(chunk)
         self._buffered += len(chunk)
         if self._buffered > HIGH_WATER_BYTES:
             self._conn.pause()
         self._wake()
 
-    def finish(self) -> UpstreamError | None:
+    def finish(self) -> Exception | None:
         if self._decoder is not None and self._error is None:
             tail = self._decoder.flush()
             if tail:
@@ -424,7 +471,7 @@ class Response:
         self._wake()
         return self._error
 
-    def fail(self, error: UpstreamError) -> None:
+    def fail(self, error: Exception) -> None:
         if self._error is None:
             self._error = error
         self._done = True

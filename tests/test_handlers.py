@@ -275,3 +275,55 @@ async def test_deeply_nested_json_is_a_400_not_a_500(proxy: TestServer, depth: i
     assert status in (200, 400), payload
     if status == 400:
         assert error_of(payload)["type"] == "invalid_request_error"
+
+
+async def raw_stream(proxy: TestServer, version: str) -> tuple[bytes, bytes]:
+    """A streamed message asked for over a bare socket: the response head and the raw body."""
+    body = json.dumps({**MESSAGE, "stream": True}).encode()
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    writer.write(
+        f"POST /v1/messages HTTP/{version}\r\nHost: {proxy.host}\r\nx-api-key: {ALICE_KEY}\r\n"
+        f"Content-Type: application/json\r\nx-mock-deltas: 5\r\nx-mock-delay-ms: 5\r\n"
+        f"Connection: close\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    answer = await asyncio.wait_for(reader.read(), 10)  # to the end: the proxy closes
+    writer.close()
+    head, _, raw_body = answer.partition(b"\r\n\r\n")
+    return head, raw_body
+
+
+def unchunked(raw: bytes) -> list[bytes]:
+    """The chunks of a chunked body, checking its framing to the terminating chunk."""
+    chunks = []
+    while True:
+        size_line, _, raw = raw.partition(b"\r\n")
+        size = int(size_line, 16)
+        chunk, crlf, raw = raw[:size], raw[size : size + 2], raw[size + 2 :]
+        assert crlf == b"\r\n", "a chunk must end where its size says"
+        if size == 0:
+            assert raw == b""
+            return chunks
+        chunks.append(chunk)
+
+
+async def test_a_stream_is_framed_chunk_by_chunk_over_http_1_1(proxy: TestServer) -> None:
+    head, raw_body = await raw_stream(proxy, "1.1")
+    assert head.startswith(b"HTTP/1.1 200") and b"Transfer-Encoding: chunked" in head
+    chunks = unchunked(raw_body)
+    assert len(chunks) > 5  # relayed as they came, one chunk each
+    events = b"".join(chunks)
+    assert events.startswith(b"event: message_start\n")
+    assert events.endswith(b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
+    [record] = await settled(proxy)
+    assert (record.outcome, record.usage.output_estimated) == ("ok", False)
+
+
+async def test_an_http_1_0_client_gets_the_stream_unframed_to_the_close(proxy: TestServer) -> None:
+    head, raw_body = await raw_stream(proxy, "1.0")
+    assert head.startswith(b"HTTP/1.0 200") and b"chunked" not in head.lower()
+    assert raw_body.startswith(b"event: message_start\n")
+    assert raw_body.endswith(b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
+    assert raw_body.count(b"event: content_block_delta\n") == 5
+    [record] = await settled(proxy)
+    assert (record.outcome, record.usage.output_estimated) == ("ok", False)

@@ -329,6 +329,132 @@ async def test_a_reader_that_falls_behind_pauses_the_server_instead_of_buffering
             await upstream.close()
 
 
+async def test_push_hands_each_piece_to_the_sink_as_it_arrives_until_the_body_ends() -> None:
+    handed = [asyncio.Event(), asyncio.Event()]  # the sink has had the first, the second piece
+
+    async def piece_by_piece(reader: Reader, writer: Writer) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        await writer.drain()
+        await handed[0].wait()  # each piece goes on only once the last one reached the sink
+        writer.write(b"6\r\nsecond\r\n")
+        await writer.drain()
+        await handed[1].wait()
+        writer.write(b"0\r\n\r\n")
+        await read_request(reader)  # kept alive: a second request on the same connection
+        writer.write(ok(b"again"))
+        await writer.drain()
+        await reader.read()
+
+    pieces: list[bytes] = []
+    tasks: list[asyncio.Task | None] = []
+
+    def sink(piece: bytes) -> bool:
+        handed[len(pieces)].set()
+        pieces.append(piece)
+        tasks.append(asyncio.current_task())
+        return True
+
+    async with serving(piece_by_piece) as server:
+        upstream = client(server.url)
+        try:
+            response = await upstream.request("POST", "/", [], b"{}")
+            assert await asyncio.wait_for(response.push(sink), 5) is True
+            assert pieces == [b"first", b"second"]
+            # the first came with the head, before push(); the second went straight from the
+            # connection's callback to the sink, no task woken for it
+            assert tasks[0] is not None and tasks[1] is None
+            again = await upstream.request("POST", "/", [], b"{}")
+            assert await again.read() == b"again"
+        finally:
+            await upstream.close()
+    assert server.connections == 1
+
+
+async def test_a_sink_that_says_stop_holds_the_server_back_until_pushed_again() -> None:
+    sent = 0
+    total = 128 * http1.HIGH_WATER_BYTES  # 32 MB: beyond what the sockets can hold between us
+    piece = b"x" * 65536
+
+    async def firehose(reader: Reader, writer: Writer) -> None:
+        nonlocal sent
+        await read_request(reader)
+        writer.write(f"HTTP/1.1 200 OK\r\nContent-Length: {total}\r\n\r\n".encode())
+        while sent < total:
+            writer.write(piece)
+            sent += len(piece)
+            await writer.drain()
+
+    received = handed = 0
+
+    def full_at_the_third_piece(chunk: bytes) -> bool:
+        nonlocal received, handed
+        received += len(chunk)
+        handed += 1
+        return handed < 3
+
+    def takes_all(chunk: bytes) -> bool:
+        nonlocal received
+        received += len(chunk)
+        return True
+
+    async with serving(firehose) as server:
+        upstream = client(server.url, read_timeout_s=5.0)
+        try:
+            response = await upstream.request("POST", "/", [], b"")
+            assert await asyncio.wait_for(response.push(full_at_the_third_piece), 5) is False
+            await asyncio.sleep(0.3)  # nobody pushes: the sink gets nothing more, the server waits
+            assert handed == 3 and received < total and sent < total
+            assert await asyncio.wait_for(response.push(takes_all), 10) is True
+            assert received == total == sent
+        finally:
+            await upstream.close()
+
+
+async def test_push_raises_when_the_server_breaks_off_the_body() -> None:
+    async def cut(reader: Reader, writer: Writer) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nhalf\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.close()
+
+    pieces: list[bytes] = []
+    async with serving(cut) as server:
+        upstream = client(server.url)
+        try:
+            response = await upstream.request("POST", "/", [], b"")
+            with pytest.raises(UpstreamError, match="closed the connection"):
+                await asyncio.wait_for(response.push(lambda piece: pieces.append(piece) or True), 5)
+            assert pieces == [b"half"]
+        finally:
+            await upstream.close()
+
+
+async def test_a_sink_that_fails_fails_the_push_with_its_own_error() -> None:
+    async def two_pieces(reader: Reader, writer: Writer) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)  # the second comes through the connection's callback
+        writer.write(b"6\r\nsecond\r\n0\r\n\r\n")
+        await writer.drain()
+        await reader.read()
+
+    def broken(piece: bytes) -> bool:
+        raise ZeroDivisionError("a bug in the sink")
+
+    async with serving(two_pieces) as server:
+        upstream = client(server.url)
+        try:
+            response = await upstream.request("POST", "/", [], b"")
+            assert await response.next_chunk() == b"first"
+            with pytest.raises(ZeroDivisionError):  # not an UpstreamError: not the server's
+                await asyncio.wait_for(response.push(broken), 5)
+        finally:
+            await upstream.close()
+
+
 async def test_a_response_left_unread_closes_its_connection() -> None:
     async def endless(reader: Reader, writer: Writer) -> None:
         await read_request(reader)
