@@ -300,20 +300,27 @@ async def test_silence_before_the_head_or_mid_body_is_a_timeout() -> None:
             await upstream.close()
 
 
-async def test_a_reader_that_falls_behind_pauses_the_server_instead_of_buffering() -> None:
-    sent = 0
-    total = 128 * http1.HIGH_WATER_BYTES  # 32 MB: beyond what the sockets can hold between us
-    piece = b"x" * 65536
+class Firehose:
+    """An answer of 32 MB, beyond what the sockets can hold between us, sent as fast as the
+    client takes it; `sent`: how much so far."""
 
-    async def firehose(reader: Reader, writer: Writer) -> None:
-        nonlocal sent
+    total = 128 * http1.HIGH_WATER_BYTES
+
+    def __init__(self) -> None:
+        self.sent = 0
+
+    async def __call__(self, reader: Reader, writer: Writer) -> None:
         await read_request(reader)
-        writer.write(f"HTTP/1.1 200 OK\r\nContent-Length: {total}\r\n\r\n".encode())
-        while sent < total:
+        writer.write(f"HTTP/1.1 200 OK\r\nContent-Length: {self.total}\r\n\r\n".encode())
+        piece = b"x" * 65536
+        while self.sent < self.total:
             writer.write(piece)
-            sent += len(piece)
+            self.sent += len(piece)
             await writer.drain()
 
+
+async def test_a_reader_that_falls_behind_pauses_the_server_instead_of_buffering() -> None:
+    firehose = Firehose()
     async with serving(firehose) as server:
         upstream = client(server.url)
         try:
@@ -321,10 +328,10 @@ async def test_a_reader_that_falls_behind_pauses_the_server_instead_of_buffering
             pieces = response.chunks()
             received = len(await anext(pieces))
             await asyncio.sleep(0.3)  # we read nothing: the server must be held back
-            assert sent < total
+            assert firehose.sent < firehose.total
             async for chunk in pieces:
                 received += len(chunk)
-            assert received == total == sent
+            assert received == firehose.total == firehose.sent
         finally:
             await upstream.close()
 
@@ -372,19 +379,7 @@ async def test_push_hands_each_piece_to_the_sink_as_it_arrives_until_the_body_en
 
 
 async def test_a_sink_that_says_stop_holds_the_server_back_until_pushed_again() -> None:
-    sent = 0
-    total = 128 * http1.HIGH_WATER_BYTES  # 32 MB: beyond what the sockets can hold between us
-    piece = b"x" * 65536
-
-    async def firehose(reader: Reader, writer: Writer) -> None:
-        nonlocal sent
-        await read_request(reader)
-        writer.write(f"HTTP/1.1 200 OK\r\nContent-Length: {total}\r\n\r\n".encode())
-        while sent < total:
-            writer.write(piece)
-            sent += len(piece)
-            await writer.drain()
-
+    firehose = Firehose()
     received = handed = 0
 
     def full_at_the_third_piece(chunk: bytes) -> bool:
@@ -404,9 +399,9 @@ async def test_a_sink_that_says_stop_holds_the_server_back_until_pushed_again() 
             response = await upstream.request("POST", "/", [], b"")
             assert await asyncio.wait_for(response.push(full_at_the_third_piece), 5) is False
             await asyncio.sleep(0.3)  # nobody pushes: the sink gets nothing more, the server waits
-            assert handed == 3 and received < total and sent < total
+            assert handed == 3 and received < firehose.total and firehose.sent < firehose.total
             assert await asyncio.wait_for(response.push(takes_all), 10) is True
-            assert received == total == sent
+            assert received == firehose.total == firehose.sent
         finally:
             await upstream.close()
 
