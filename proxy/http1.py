@@ -18,7 +18,8 @@ no redirects, no cookies, no proxies; `identity` bodies, or gzip/deflate decoded
   with no task woken a piece (the proxy's streams: README "Performance").
 - Flow: a body buffered beyond HIGH_WATER_BYTES pauses reading from the server until the reader
   has taken it below LOW_WATER_BYTES; a slow client so slows the upstream, not our memory.
-- Errors: `UpstreamError` (refused, reset, closed early, not HTTP), and `UpstreamTimeout`.
+- Errors: `UpstreamError` (refused, reset, closed early, not HTTP), and `UpstreamTimeout`; an
+  error of the reader's own sink (`push`) reaches the reader as itself, not as the server's.
   No request is sent twice: a POST that may have reached the server is never retried here.
 """
 
@@ -386,7 +387,7 @@ class Response:
         own callback: no task switch a piece. Answer True once the body has ended, False as soon
         as `sink` answers False (its own buffer is full, or its reader left): what arrives
         meanwhile waits here, up to HIGH_WATER_BYTES as for `chunks()`, until the next call.
-        Raise the UpstreamError that cut it."""
+        Raise what cut it: an UpstreamError, or the sink's own error."""
         chunks = self._chunks
         while True:
             while chunks:  # arrived before, or after the sink last said stop
