@@ -67,6 +67,8 @@ STOP_TIMEOUT_S = 15.0
 CLIENT_BUSY_PCT = 90  # a load generator this busy may be what limits the figures
 BOUND_CPU_PCT = 80  # a server process that kept its core less busy than this was not the limit
 PROFILE_RATE_HZ = 250
+# --instructions: the proxy under callgrind starts and answers some 40 times slower
+VALGRIND_READY_TIMEOUT_S = 300.0
 PROFILE_TOP = 15  # functions listed per profile table
 
 # The targets of the performance issue; the throughput ratio is 0.4 on PostgreSQL.
@@ -107,6 +109,7 @@ DEFAULTS = MappingProxyType(  # option: (full run, quick run)
         "rounds": (5, 2),
     }
 )
+INSTRUCTION_DEFAULTS = MappingProxyType({"requests": (1000, 20), "streams": (200, 5)})
 
 
 class BenchError(Exception):
@@ -202,6 +205,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "attached to the proxy: collapsed stacks to FILE, the top functions in the table "
         "(needs py-spy: pip install py-spy)",
     )
+    bench.add_argument(
+        "--instructions",
+        action="store_true",
+        help="instead of timing: count the proxy's instructions under valgrind's callgrind, per "
+        "non-streaming request (--requests, default 1000; quick 20) and per stream (--streams, "
+        "one at a time, default 200; quick 5). Repeatable to within 1%% whatever else the "
+        "machine does; the kernel's side is not counted (needs valgrind)",
+    )
     bench.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
     bench.add_argument(
         "--keep", action="store_true", help="keep the temporary folder (config, store, logs)"
@@ -248,14 +259,17 @@ class BenchOptions:
     keep: bool
     profile: Path | None = None
     json_path: Path | None = None
+    instructions: bool = False
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> BenchOptions:
         which = 1 if args.quick else 0
 
+        defaults = {**DEFAULTS, **(INSTRUCTION_DEFAULTS if args.instructions else {})}
+
         def pick(name: str) -> Any:
             value = getattr(args, name)
-            return DEFAULTS[name][which] if value is None else value
+            return defaults[name][which] if value is None else value
 
         requests = pick("requests")
         return cls(
@@ -276,6 +290,7 @@ class BenchOptions:
             keep=args.keep,
             profile=args.profile,
             json_path=args.json,
+            instructions=args.instructions,
         )
 
     def json(self) -> dict[str, Any]:
@@ -295,11 +310,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"usage-proxy: bench: {problem}", file=sys.stderr)
         return 2
     try:
-        report = Bench(options).run()
+        bench = Bench(options)
+        report = bench.count_instructions() if options.instructions else bench.run()
     except BenchError as exc:
         print(f"usage-proxy: bench: {exc}", file=sys.stderr)
         return 1
-    print(render_table(report))
+    print(render_instructions(report) if options.instructions else render_table(report))
     if options.json_path is not None:
         options.json_path.write_text(json.dumps(report, indent=2) + "\n")
     return 0 if report["all_ok"] else 1
@@ -321,6 +337,12 @@ def _check_options(options: BenchOptions) -> str | None:
             return f"{name}: {path.parent}: no such folder"
     if options.profile is not None and py_spy() is None:
         return "--profile: py-spy is not installed (pip install py-spy)"
+    if options.instructions and options.profile is not None:
+        return "--instructions counts, --profile samples: one at a time"
+    if options.instructions and not (
+        shutil.which("valgrind") and shutil.which("callgrind_control")
+    ):
+        return "--instructions: valgrind is not installed (apt-get install valgrind)"
     if sys.platform != "linux":
         return "needs Linux (/proc for CPU and memory, sched_setaffinity for pinning)"
     return None
@@ -787,11 +809,7 @@ class Bench:
     def run(self) -> dict[str, Any]:
         _raise_open_files_limit(3 * self.options.open_streams + 256)
         with contextlib.ExitStack() as stack:
-            folder = Path(tempfile.mkdtemp(prefix="usage-proxy-bench-"))
-            if self.options.keep:
-                print(f"  config, store and logs in {folder} (kept)", flush=True)
-            else:
-                stack.callback(shutil.rmtree, folder, ignore_errors=True)
+            folder = self._folder(stack)
             mock_port = self._start_server(stack, "mock", self.pinning.mock, _uvloop_installed())
             mock_url = f"http://127.0.0.1:{mock_port}"
             proxy = self._start_proxy(stack, folder, mock_url)
@@ -832,6 +850,75 @@ class Bench:
         report["targets"] = targets_of(report)
         report["all_ok"] = all_answered(report)
         return report
+
+    def count_instructions(self) -> dict[str, Any]:
+        """`--instructions`: the proxy under valgrind's callgrind, instrumented only while the
+        measured requests run (and the settlements after them), one dump for the non-streaming
+        requests and one for the streams. Streams go one at a time, so that the proxy, some 40
+        times slower under valgrind, still reads each delta on its own."""
+        options = self.options
+        with contextlib.ExitStack() as stack:
+            folder = self._folder(stack)
+            mock_port = self._start_server(stack, "mock", self.pinning.mock, _uvloop_installed())
+            out = folder / "callgrind.out"  # each dump: callgrind.out.1, .2
+            valgrind = ("valgrind", "--tool=callgrind", "--instr-atstart=no")
+            proxy = self._start_proxy(
+                stack,
+                folder,
+                f"http://127.0.0.1:{mock_port}",
+                under=(*valgrind, f"--callgrind-out-file={out}"),
+                ready_timeout_s=VALGRIND_READY_TIMEOUT_S,
+            )
+            self._start_load(stack)
+            target = Target("proxy", f"{proxy.url}/v1/messages", proxy.pid, self.member_keys)
+            report: dict[str, Any] = {
+                "bench_version": BENCH_VERSION,
+                "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "environment": {
+                    **self._environment(uses_uvloop(proxy.pid), proxy.store_url),
+                    "valgrind_version": _valgrind_version(),
+                },
+                "options": options.json(),
+            }
+            self._warm_up([target])
+            runs = (
+                ("non_streaming", False, options.requests, options.concurrency),
+                ("streaming", True, options.streams, 1),
+            )
+            for dump, (section, stream, count, concurrency) in enumerate(runs, start=1):
+                _callgrind_control(proxy.pid, "--instr=on")
+                job = self._job(
+                    target,
+                    stream=stream,
+                    headers=_script_headers(stream=stream),
+                    concurrency=concurrency,
+                    requests=count,
+                    warmup_requests=0,
+                )
+                result = self._load(f"instructions, {section.replace('_', '-')}", target, job)
+                self._wait_idle(proxy.pid)  # its settlements count with it
+                _callgrind_control(proxy.pid, "--dump")
+                _callgrind_control(proxy.pid, "--instr=off")
+                instructions = _callgrind_total(Path(f"{out}.{dump}"))
+                report[section] = {
+                    **_counts(result),
+                    "concurrency": concurrency,
+                    "instructions": instructions,
+                    "instructions_m_per_request": _round(instructions / count / 1e6, 3),
+                }
+        report["all_ok"] = all(
+            report[section]["ok"] == report[section]["requests"] for section, *_ in runs
+        )
+        return report
+
+    def _folder(self, stack: contextlib.ExitStack) -> Path:
+        """The run's temporary folder (config, store, logs): removed at the end unless kept."""
+        folder = Path(tempfile.mkdtemp(prefix="usage-proxy-bench-"))
+        if self.options.keep:
+            print(f"  config, store and logs in {folder} (kept)", flush=True)
+        else:
+            stack.callback(shutil.rmtree, folder, ignore_errors=True)
+        return folder
 
     # -- processes --
 
@@ -885,7 +972,13 @@ class Bench:
         self._pids["load"] = process.pid
 
     def _start_proxy(
-        self, stack: contextlib.ExitStack, folder: Path, mock_url: str
+        self,
+        stack: contextlib.ExitStack,
+        folder: Path,
+        mock_url: str,
+        *,
+        under: Sequence[str] = (),
+        ready_timeout_s: float = READY_TIMEOUT_S,
     ) -> ProxyProcess:
         proxy = ProxyProcess.write(
             folder,
@@ -899,7 +992,7 @@ class Bench:
             admin_token=self.admin_token,
         )
         stack.callback(proxy.stop)
-        proxy.start(self.pinning.target)
+        proxy.start(self.pinning.target, under=under, ready_timeout_s=ready_timeout_s)
         return proxy
 
     def _load(self, what: str, target: Target, job: LoadJob) -> LoadResult:
@@ -1278,6 +1371,31 @@ class Bench:
         }
 
 
+def _callgrind_control(pid: int, command: str) -> None:
+    done = subprocess.run(
+        ["callgrind_control", command, str(pid)], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise BenchError(f"callgrind_control {command} failed: {done.stdout}{done.stderr}".strip())
+
+
+def _callgrind_total(path: Path) -> int:
+    """The instructions a callgrind dump counted (its `totals:` line)."""
+    try:
+        with path.open() as dump:
+            for line in dump:
+                if line.startswith("totals:"):
+                    return int(line.split()[1])
+    except OSError as exc:
+        raise BenchError(f"no callgrind dump at {path}: {exc}") from None
+    raise BenchError(f"{path}: no totals line")
+
+
+def _valgrind_version() -> str:
+    done = subprocess.run(["valgrind", "--version"], capture_output=True, text=True, check=False)
+    return done.stdout.strip()
+
+
 def _script_headers(
     *, stream: bool, deltas: int = STREAM_DELTAS, interval_ms: int = STREAM_INTERVAL_MS
 ) -> dict[str, str]:
@@ -1443,14 +1561,21 @@ class ProxyProcess:
     def config(self) -> Path:
         return self.folder / "proxy.toml"
 
-    def start(self, cpus: tuple[int, ...]) -> None:
-        """`usage-proxy serve`, its log lines to proxy.log; answers once /readyz does."""
+    def start(
+        self,
+        cpus: tuple[int, ...],
+        *,
+        under: Sequence[str] = (),
+        ready_timeout_s: float = READY_TIMEOUT_S,
+    ) -> None:
+        """`usage-proxy serve` (run by `under`, a command such as valgrind's, when given), its
+        log lines to proxy.log; answers once /readyz does."""
         with (
             (self.folder / "proxy.log").open("wb") as log,
             (self.folder / "proxy.err").open("wb") as err,
         ):
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "proxy", "serve", "--config", str(self.config)],
+                [*under, sys.executable, "-m", "proxy", "serve", "--config", str(self.config)],
                 cwd=self.folder,
                 env=self.env,
                 stdout=log,
@@ -1458,7 +1583,7 @@ class ProxyProcess:
                 stdin=subprocess.DEVNULL,
             )
         pin(self.pid, cpus)  # before it starts threads; again below for those it started
-        deadline_s = time.perf_counter() + READY_TIMEOUT_S
+        deadline_s = time.perf_counter() + ready_timeout_s
         while time.perf_counter() < deadline_s:
             if self.process.poll() is not None:
                 raise BenchError(
@@ -1473,7 +1598,7 @@ class ProxyProcess:
             except (urllib.error.URLError, OSError):
                 pass
             time.sleep(0.05)
-        raise BenchError(f"the proxy did not answer /readyz within {READY_TIMEOUT_S:.0f} s")
+        raise BenchError(f"the proxy did not answer /readyz within {ready_timeout_s:.0f} s")
 
     def _last_error_line(self) -> str:
         lines = (self.folder / "proxy.err").read_text(errors="replace").strip().splitlines()
@@ -1687,6 +1812,34 @@ def all_answered(report: dict[str, Any]) -> bool:
         and accounting["requests_recorded"] == accounting["requests_ok"]
         and accounting["verify_ok"]
     )
+
+
+def render_instructions(report: dict[str, Any]) -> str:
+    """`--instructions`' report for a person."""
+    env, ns, st = report["environment"], report["non_streaming"], report["streaming"]
+    lines = [
+        f"usage-proxy bench --instructions: the proxy under valgrind's callgrind "
+        f"({env['valgrind_version']}), store: {env['store']} "
+        f"({'a fresh file' if env['store_fresh'] else env['store_url']})",
+        f"Python {env['python_version']}, aiohttp {env['aiohttp_version']}, uvloop in the "
+        f"proxy: {'yes' if env['uvloop_proxy'] else 'no'}",
+    ]
+    if report["options"]["quick"]:
+        lines.append("QUICK RUN: tiny counts; the figures show the command works")
+    lines += [
+        "",
+        f"  non-streaming, concurrency {ns['concurrency']}, {ns['requests']} requests: "
+        f"{ns['instructions_m_per_request']:.3f} M instructions a request",
+        f"  streaming, {STREAM_DELTAS} deltas {STREAM_INTERVAL_MS} ms apart, one at a time, "
+        f"{st['requests']} streams: {st['instructions_m_per_request']:.3f} M instructions a stream",
+        "",
+        "(user space only: what the kernel does in each system call is not counted; the "
+        "settlements that follow the answers are)",
+    ]
+    for name, section in (("non-streaming", ns), ("streaming", st)):
+        if section["ok"] != section["requests"]:
+            lines.append(f"FAILED: {name}: {section['statuses']} {section['errors']}")
+    return "\n".join(lines)
 
 
 def render_table(report: dict[str, Any]) -> str:

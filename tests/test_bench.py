@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,29 @@ def test_quick_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert report["all_ok"] is True
 
 
+@pytest.mark.skipif(
+    shutil.which("valgrind") is None, reason="valgrind is not installed (apt-get install valgrind)"
+)
+def test_instructions_quick_run_counts_a_request_and_a_stream(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "instructions.json"
+    code = main(_bench("--instructions", "--quick", "--json", str(out)))
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "M instructions a request" in printed and "M instructions a stream" in printed
+    report = json.loads(out.read_text())
+    ns, st = report["non_streaming"], report["streaming"]
+    assert (ns["requests"], ns["ok"], st["requests"], st["ok"]) == (20, 20, 5, 5)
+    assert (ns["concurrency"], st["concurrency"]) == (32, 1)
+    assert report["options"]["instructions"] is True and report["all_ok"] is True
+    assert report["environment"]["valgrind_version"].startswith("valgrind-")
+    # each dump counted its own run: a stream (26 chunks relayed and metered, then settled)
+    # runs more of the proxy than a whole non-streaming request, and both run millions
+    assert 0.5 < ns["instructions_m_per_request"] < st["instructions_m_per_request"] < 50
+    assert ns["instructions"] == pytest.approx(ns["instructions_m_per_request"] * 20e6, rel=0.01)
+
+
 def test_a_proxy_that_cannot_start_is_one_line_and_status_1(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -135,6 +159,7 @@ def test_a_proxy_that_cannot_start_is_one_line_and_status_1(
         (["--pricing", "/nonexistent/pricing.toml"], "--pricing: /nonexistent/pricing.toml"),
         (["--hold-s", "0"], "--hold-s: must be more than 0"),
         (["--quick", "--rounds", "60"], "--rounds: at most --requests and --latency-requests"),
+        (["--instructions", "--profile", "p.txt"], "--instructions counts, --profile samples"),
     ],
 )
 def test_bad_options_exit_2_with_one_line(
