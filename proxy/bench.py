@@ -1818,15 +1818,9 @@ def render_instructions(report: dict[str, Any]) -> str:
     """`--instructions`' report for a person."""
     env, ns, st = report["environment"], report["non_streaming"], report["streaming"]
     lines = [
-        f"usage-proxy bench --instructions: the proxy under valgrind's callgrind "
-        f"({env['valgrind_version']}), store: {env['store']} "
-        f"({'a fresh file' if env['store_fresh'] else env['store_url']})",
-        f"Python {env['python_version']}, aiohttp {env['aiohttp_version']}, uvloop in the "
-        f"proxy: {'yes' if env['uvloop_proxy'] else 'no'}",
-    ]
-    if report["options"]["quick"]:
-        lines.append("QUICK RUN: tiny counts; the figures show the command works")
-    lines += [
+        "usage-proxy bench --instructions: the proxy under valgrind's callgrind "
+        f"({env['valgrind_version']})",
+        *_how_it_ran(report),
         "",
         f"  non-streaming, concurrency {ns['concurrency']}, {ns['requests']} requests: "
         f"{ns['instructions_m_per_request']:.3f} M instructions a request",
@@ -1842,6 +1836,24 @@ def render_instructions(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _how_it_ran(report: dict[str, Any]) -> list[str]:
+    """The versions, the loop and the store; and whether it was a quick run."""
+    env = report["environment"]
+    uvloop = (
+        "yes"
+        if env["uvloop_proxy"]
+        else ("installed, not used" if env["uvloop_installed"] else "no")
+    )
+    lines = [
+        f"Python {env['python_version']}, aiohttp {env['aiohttp_version']}, uvloop in the "
+        f"proxy: {uvloop}, store: {env['store']} "
+        f"({'a fresh file' if env['store_fresh'] else env['store_url']})"
+    ]
+    if report["options"]["quick"]:
+        lines.append("QUICK RUN: tiny counts; the figures show the command works, not its speed")
+    return lines
+
+
 def render_table(report: dict[str, Any]) -> str:
     """The report for a person: how it ran, the figures, the targets."""
     env, ns, c1, st, mem = (
@@ -1851,21 +1863,10 @@ def render_table(report: dict[str, Any]) -> str:
         report["streaming"],
         report["memory"],
     )
-    uvloop = (
-        "yes"
-        if env["uvloop_proxy"]
-        else ("installed, not used" if env["uvloop_installed"] else "no")
-    )
     lines = [
         f"usage-proxy bench: {env['cores']} cores ({env['cpu_model']}), load average "
         f"{env['load_avg_1m']} at start; {env['pinning_text']}",
-        f"Python {env['python_version']}, aiohttp {env['aiohttp_version']}, uvloop in the "
-        f"proxy: {uvloop}, store: {env['store']} "
-        f"({'a fresh file' if env['store_fresh'] else env['store_url']})",
-    ]
-    if report["options"]["quick"]:
-        lines.append("QUICK RUN: tiny counts; the figures show the command works, not its speed")
-    lines += [
+        *_how_it_ran(report),
         "",
         f"non-streaming, concurrency {ns['concurrency']}, {ns['requests']} requests each "
         f"in {ns['rounds']} rounds, the targets taking turns",
