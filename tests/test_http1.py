@@ -426,6 +426,35 @@ async def test_push_raises_when_the_server_breaks_off_the_body() -> None:
             await upstream.close()
 
 
+async def test_push_hands_the_sink_a_gzip_body_decoded() -> None:
+    events = b"".join(b'event: ping\ndata: {"n": %d}\n\n' % (n * n) for n in range(2000))
+    packed = gzip.compress(events)
+    half = len(packed) // 2
+
+    async def gzipped_in_two(reader: Reader, writer: Writer) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\n")
+        writer.write(f"Transfer-Encoding: chunked\r\n\r\n{half:x}\r\n".encode())
+        writer.write(packed[:half] + b"\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)  # the second half through the connection's callback
+        rest = packed[half:]
+        writer.write(f"{len(rest):x}\r\n".encode() + rest + b"\r\n0\r\n\r\n")
+        await writer.drain()
+        await reader.read()
+
+    pieces: list[bytes] = []
+    async with serving(gzipped_in_two) as server:
+        upstream = client(server.url)
+        try:
+            response = await upstream.request("POST", "/", [], b"")
+            sink = pieces.append
+            assert await asyncio.wait_for(response.push(lambda p: sink(p) or True), 5) is True
+        finally:
+            await upstream.close()
+    assert b"".join(pieces) == events and len(pieces) >= 2
+
+
 async def test_a_sink_that_fails_fails_the_push_with_its_own_error() -> None:
     async def two_pieces(reader: Reader, writer: Writer) -> None:
         await read_request(reader)
