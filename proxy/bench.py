@@ -335,10 +335,10 @@ def _check_options(options: BenchOptions) -> str | None:
     for name, path in (("--json", options.json_path), ("--profile", options.profile)):
         if path is not None and not path.parent.is_dir():
             return f"{name}: {path.parent}: no such folder"
-    if options.profile is not None and py_spy() is None:
-        return "--profile: py-spy is not installed (pip install py-spy)"
     if options.instructions and options.profile is not None:
         return "--instructions counts, --profile samples: one at a time"
+    if options.profile is not None and py_spy() is None:
+        return "--profile: py-spy is not installed (pip install py-spy)"
     if options.instructions and not (
         shutil.which("valgrind") and shutil.which("callgrind_control")
     ):
