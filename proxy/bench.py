@@ -67,9 +67,9 @@ STOP_TIMEOUT_S = 15.0
 CLIENT_BUSY_PCT = 90  # a load generator this busy may be what limits the figures
 BOUND_CPU_PCT = 80  # a server process that kept its core less busy than this was not the limit
 PROFILE_RATE_HZ = 250
+PROFILE_TOP = 15  # functions listed per profile table
 # --instructions: the proxy under callgrind starts and answers some 40 times slower
 VALGRIND_READY_TIMEOUT_S = 300.0
-PROFILE_TOP = 15  # functions listed per profile table
 
 # The targets of the performance issue; the throughput ratio is 0.4 on PostgreSQL.
 THROUGHPUT_RATIO_MIN_SQLITE = 0.6
