@@ -33,7 +33,6 @@ caller learns what it did (`to_its_end`).
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
@@ -345,7 +344,7 @@ def _months_around(instants_s: Sequence[float]) -> list[str]:
     UTC+14): the months of each instant 14 hours earlier and later, in UTC."""
     return sorted(
         {
-            time.strftime("%Y-%m", time.gmtime(at_s + shift_s))
+            month_of(at_s + shift_s, "UTC")
             for at_s in instants_s
             for shift_s in (-ZONE_OFFSET_MAX_S, ZONE_OFFSET_MAX_S)
         }
