@@ -723,10 +723,10 @@ class SqlStore:
             "session_started_at_s, weekly_started_at_s FROM requests "
             "WHERE status = 'pending' AND expires_at_s <= ?"
         )
+        rows = await self._read(due, (now_s,))
+        if not rows:  # a read, not a step: the SQLite store's books in memory stay valid
+            return 0
         async with self._db.transaction() as db:
-            rows = await db.fetch(due, (now_s,))
-            if not rows:
-                return 0
             for org_id in sorted({row[2] for row in rows}):  # one order: no deadlock
                 await db.lock_org(org_id)
             rows = await db.fetch(due, (now_s,))  # what another sweeper left, under the locks

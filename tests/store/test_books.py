@@ -129,6 +129,18 @@ async def test_another_process_on_the_file_gets_no_journal_and_its_changes_count
     await proxy.close()
 
 
+async def test_a_sweep_that_expires_nothing_leaves_the_books_in_memory(tmp_path):
+    """The sweeper looks every 30 s; a look that wrote nothing must not send the next request
+    of every member through a transaction to read its books again."""
+    store = await opened(tmp_path / "b.db")
+    member_id = await alice(store)
+    await store.admit(asking(member_id, "first", 1_000), TIERS)  # reads the books: a transaction
+    assert await store.expire_pending(NOW_S) == 0
+    await store.admit(asking(member_id, "second", 1_000), TIERS)
+    assert store.database.records_waiting  # decided in memory: a journal record
+    await store.close()
+
+
 async def test_a_change_through_the_store_itself_reaches_the_next_decision(tmp_path):
     path = tmp_path / "b.db"
     store = await opened(path)
