@@ -102,7 +102,7 @@ DEFAULTS = MappingProxyType(  # option: (full run, quick run)
     {
         "requests": (5000, 200),
         "latency_requests": (1000, 50),
-        "streams": (1000, 50),
+        "streams": (5000, 50),
         "open_streams": (1000, 50),
         "hold_s": (20.0, 3.0),
         "warmup_requests": (200, 20),
@@ -149,7 +149,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     bench.add_argument(
         "--streams",
         type=_positive_int,
-        help="streams per target, 20 deltas 5 ms apart (default 1000; quick 50)",
+        help="streams per target, 20 deltas 5 ms apart, over the rounds (default 5000; quick 50)",
     )
     bench.add_argument("--stream-concurrency", type=_positive_int, default=64, help="default 64")
     bench.add_argument(
@@ -175,7 +175,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     bench.add_argument(
         "--rounds",
         type=_positive_int,
-        help="the non-streaming and concurrency-1 runs are split into this many rounds, the "
+        help="the non-streaming, concurrency-1 and streaming runs are split into this many "
+        "rounds, the "
         "targets taking turns in each (in a rotating order), so that a machine whose speed "
         "drifts slows each alike (default 5; quick 2)",
     )
@@ -330,8 +331,10 @@ def _check_options(options: BenchOptions) -> str | None:
         return f"--pricing: {options.pricing}: no such file (run from the checkout, or name it)"
     if options.hold_s <= 0:
         return f"--hold-s: must be more than 0, got {options.hold_s}"
-    if min(options.requests, options.latency_requests) < options.rounds:
-        return f"--rounds: at most --requests and --latency-requests, got {options.rounds}"
+    if min(options.requests, options.latency_requests, options.streams) < options.rounds:
+        return (
+            f"--rounds: at most --requests, --latency-requests and --streams, got {options.rounds}"
+        )
     for name, path in (("--json", options.json_path), ("--profile", options.profile)):
         if path is not None and not path.parent.is_dir():
             return f"{name}: {path.parent}: no such folder"
@@ -1188,25 +1191,32 @@ class Bench:
         section: dict[str, Any] = {
             "concurrency": options.stream_concurrency,
             "streams": options.streams,
+            "rounds": options.rounds,
             "deltas": STREAM_DELTAS,
             "delta_interval_ms": STREAM_INTERVAL_MS,
         }
-        for target in targets:
+        pooled = {target.name: LoadResult() for target in targets}
+        used_s = dict.fromkeys((target.name for target in targets), 0.0)
+        for label, target, streams in turns(targets, options.streams, options.rounds):
             self._wait_idle(target.pid)
             result = self._load(
-                "streaming",
+                f"streaming, {label}",
                 target,
                 self._job(
                     target,
                     stream=True,
                     headers=_script_headers(stream=True),
                     concurrency=options.stream_concurrency,
-                    requests=options.streams,
+                    requests=streams,
                     stagger_s=STREAM_STAGGER_S,  # streams of equal length stay out of step
                     cpu_pids=(target.pid,),
                 ),
             )
             self._wait_idle(target.pid)
+            used_s[target.name] += cpu_s(target.pid) - result.cpu_s_start[target.pid][0]
+            pooled[target.name].add(result)
+        for target in targets:
+            result = pooled[target.name]
             section[target.name] = {
                 **_counts(result),
                 "ttfb_ms_p50": _round(percentile(result.ttfb_ms, 50), 3),
@@ -1215,10 +1225,7 @@ class Bench:
                 "ttlb_ms_p99": _round(percentile(result.latency_ms, 99), 3),
                 "reads_per_stream_p50": percentile(result.chunks, 50),
                 "cpu_ms_per_stream": _round(
-                    (cpu_s(target.pid) - result.cpu_s_start[target.pid][0])
-                    * 1000
-                    / max(1, result.requests),
-                    3,
+                    used_s[target.name] * 1000 / max(1, result.requests), 3
                 ),
             }
         direct = section["direct"]
@@ -1912,7 +1919,7 @@ def render_table(report: dict[str, Any]) -> str:
     lines += [
         "",
         f"streaming, {st['deltas']} deltas {st['delta_interval_ms']} ms apart, concurrency "
-        f"{st['concurrency']}, {st['streams']} streams each",
+        f"{st['concurrency']}, {st['streams']} streams each in {st['rounds']} rounds",
         f"  {'':<16}{'TTFB p50':>10}{'TTFB p99':>10}{'last p50':>10}{'last p99':>10}"
         f"{'reads':>7}{'CPU ms':>9}",
     ]

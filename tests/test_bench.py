@@ -86,6 +86,7 @@ def test_quick_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
     st = report["streaming"]
     assert (st["deltas"], st["delta_interval_ms"], st["concurrency"]) == (20, 5, 64)
+    assert st["rounds"] == 2
     for name in ("direct", "bare", "proxy"):
         row = st[name]
         assert (row["requests"], row["ok"]) == (50, 50), row
@@ -158,7 +159,7 @@ def test_a_proxy_that_cannot_start_is_one_line_and_status_1(
         (["--store", "mysql://x"], "--store: must start with sqlite:/// or postgresql://"),
         (["--pricing", "/nonexistent/pricing.toml"], "--pricing: /nonexistent/pricing.toml"),
         (["--hold-s", "0"], "--hold-s: must be more than 0"),
-        (["--quick", "--rounds", "60"], "--rounds: at most --requests and --latency-requests"),
+        (["--quick", "--rounds", "60"], "--rounds: at most --requests, --latency-requests and"),
         (["--instructions", "--profile", "p.txt"], "--instructions counts, --profile samples"),
     ],
 )
