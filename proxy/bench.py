@@ -1974,6 +1974,13 @@ def render_table(report: dict[str, Any]) -> str:
             "throughput, and the throughput ratio flatters the proxy; the CPU ratio "
             f"({ns['ratio_proxy_to_bare_requests_per_cpu_s']}) does not depend on that"
         )
+    if st["bare_added_ttfb_ms_p99"] >= STREAM_ADDED_TTFB_MS_P99_MAX:
+        lines.append(
+            f"note: the bare pass-through itself added {st['bare_added_ttfb_ms_p99']:.2f} ms to "
+            f"the streams' TTFB p99, past the {STREAM_ADDED_TTFB_MS_P99_MAX:g} ms target: at this "
+            "load a relay's first bytes queue behind the other streams on its one core, so read "
+            f"the proxy's {st['proxy_added_ttfb_ms_p99']:.2f} ms against the bare's"
+        )
     busy = [n for n in ("direct", "bare", "proxy") if ns[n]["load_cpu_pct"] >= CLIENT_BUSY_PCT]
     if busy:
         lines.append(
