@@ -176,9 +176,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--rounds",
         type=_positive_int,
         help="the non-streaming, concurrency-1 and streaming runs are split into this many "
-        "rounds, the "
-        "targets taking turns in each (in a rotating order), so that a machine whose speed "
-        "drifts slows each alike (default 5; quick 2)",
+        "rounds, the targets taking turns in each (in a rotating order), so that a machine "
+        "whose speed drifts slows each alike (default 5; quick 2)",
     )
     bench.add_argument(
         "--store",
