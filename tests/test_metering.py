@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.metering import SseMeter, Usage, usage_from_body
+from proxy.metering import DELTAS_UNREAD_BYTES_MAX, SseMeter, Usage, usage_from_body
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -308,6 +308,33 @@ def test_skipped_and_malformed_events_do_not_disturb_metering() -> None:
 
     assert meter.usage == Usage(input_tokens=11, output_tokens=8)
     assert meter.relayed_text() == ""
+    assert meter.completed is False
+
+
+@pytest.mark.parametrize("chunking", CHUNKINGS[:3], ids=lambda chunking: chunking.__name__)
+def test_a_long_stream_cut_late_keeps_all_its_text_and_little_unread(
+    chunking: Callable[[bytes], Iterator[bytes]],
+) -> None:
+    """Deltas wait unread only up to a bound (the estimate of a long cut stream must not read
+    thousands of them at once on the event loop), and none of their text is lost."""
+    words = [f"word{n} " for n in range(2_000)]
+    stream = sse(
+        message_start({"input_tokens": 3, "output_tokens": 1}),
+        *(
+            ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                     "delta": {"type": "text_delta", "text": word}})
+            for word in words
+        ),
+    )  # fmt: skip
+    meter = SseMeter()
+    unread_max = 0
+    for chunk in chunking(stream):
+        meter.feed(chunk)
+        unread_max = max(unread_max, len(meter._deltas))
+
+    assert meter.relayed_text() == "".join(words)
+    assert meter.relayed_text() == "".join(words)  # asking again reads the same
+    assert unread_max <= DELTAS_UNREAD_BYTES_MAX + 200  # the bound, and the one delta past it
     assert meter.completed is False
 
 
