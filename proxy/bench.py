@@ -831,12 +831,7 @@ class Bench:
             proxy_target = Target("proxy", f"{proxy.url}/v1/messages", proxy.pid, self.member_keys)
             targets = (direct, bare, proxy_target)
             recorded_before = proxy.requests_recorded()
-            report: dict[str, Any] = {
-                "bench_version": BENCH_VERSION,
-                "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                "environment": self._environment(proxy_uvloop, proxy.store_url),
-                "options": self.options.json(),
-            }
+            report = self._report_head(proxy_uvloop, proxy.store_url)
             self._warm_up(targets)
             report["memory"] = self._memory(bare, proxy_target)
             report["non_streaming"] = self._non_streaming(targets, mock_pid)
@@ -873,15 +868,9 @@ class Bench:
             )
             self._start_load(stack)
             target = Target("proxy", f"{proxy.url}/v1/messages", proxy.pid, self.member_keys)
-            report: dict[str, Any] = {
-                "bench_version": BENCH_VERSION,
-                "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                "environment": {
-                    **self._environment(uses_uvloop(proxy.pid), proxy.store_url),
-                    "valgrind_version": _valgrind_version(),
-                },
-                "options": options.json(),
-            }
+            report = self._report_head(
+                uses_uvloop(proxy.pid), proxy.store_url, valgrind_version=_valgrind_version()
+            )
             self._warm_up([target])
             runs = (
                 ("non_streaming", False, options.requests, options.concurrency),
@@ -1358,8 +1347,10 @@ class Bench:
             **summarise_profile(path.read_text()),
         }
 
-    def _environment(self, proxy_uvloop: bool, store_url: str) -> dict[str, Any]:
-        return {
+    def _report_head(self, proxy_uvloop: bool, store_url: str, **more: str) -> dict[str, Any]:
+        """What every report starts with: the version, when, how it ran (and `more` of that),
+        and the options."""
+        environment = {
             "cores": len(self.cpus),
             "cpu_model": _cpu_model(),
             "load_avg_1m": _round(os.getloadavg()[0], 2),
@@ -1374,6 +1365,13 @@ class Bench:
             "pinning": self.pinning.json(),
             "pinning_text": self.pinning.describe(),
             "load_generator": "aiohttp client, one process",
+            **more,
+        }
+        return {
+            "bench_version": BENCH_VERSION,
+            "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "environment": environment,
+            "options": self.options.json(),
         }
 
 
