@@ -3,7 +3,7 @@ parsed by httptools (llhttp, in C), bodies handed over chunk by chunk as they ar
 
 Why not aiohttp's ClientSession, which the proxy used before: on this path it spends about
 0.13 ms of CPU per request (URL handling, cookie jar, timeouts, tracing hooks, stream readers),
-this client about 0.04 ms (README "Performance"). It does only what the proxy needs: one origin,
+this client about 0.04 ms (docs/performance.md). It does only what the proxy needs: one origin,
 no redirects, no cookies, no proxies; `identity` bodies, or gzip/deflate decoded with zlib.
 
 - Connections: at most `connections_max` open; a request waits for one beyond that. A
@@ -15,7 +15,7 @@ no redirects, no cookies, no proxies; `identity` bodies, or gzip/deflate decoded
   byte from the server while a response is awaited (the head or the next part of the body).
 - Bodies: read whole (`read`), piece by piece by a task (`next_chunk`, `chunks`), or pushed
   (`push`): each piece handed to a callable from the connection's own callback as it arrives,
-  with no task woken a piece (the proxy's streams: README "Performance").
+  with no task woken a piece (the proxy's streams: docs/performance.md).
 - Flow: a body buffered beyond HIGH_WATER_BYTES pauses reading from the server until the reader
   has taken it below LOW_WATER_BYTES; a slow client so slows the upstream, not our memory.
 - Errors: `UpstreamError` (refused, reset, closed early, not HTTP), and `UpstreamTimeout`; an

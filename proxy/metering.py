@@ -165,7 +165,7 @@ class SseMeter:
 
     The deltas, nearly every event of a stream, are kept as they came and read only when that
     estimate is wanted (`relayed_text`), which a stream that completes never asks for (this and
-    the `find` in `feed`: 2.88 -> 2.65 M instructions a stream, README "Performance"), or when
+    the `find` in `feed`: 2.88 -> 2.65 M instructions a stream, docs/performance.md), or when
     more than DELTAS_UNREAD_BYTES_MAX of them wait. A named event is read as its name says. Each
     delta's data is followed by a NUL byte, which JSON text cannot hold (RFC 8259 escapes
     control characters), so it cannot occur inside one; the raw data costs about as much memory

@@ -3,7 +3,7 @@ batch runs go together into the next, one transaction for all of them.
 
 A step on its own costs a dozen round trips to the server (BEGIN, the seat locked, the books,
 each write, COMMIT), and at a few hundred a second those round trips were most of the proxy's CPU
-(README "Performance"). A batch of steps, in one transaction:
+(docs/performance.md). A batch of steps, in one transaction:
 
 1. locks and reads what its steps need in one statement (`_BOOKS_SQL`): the requests to settle
    and the members' seats (both `FOR UPDATE`, members in id order), with the members' newest

@@ -67,7 +67,7 @@ async def open_postgres(url: str, *, pool_size: int, pool_timeout_s: float) -> B
             reset=_keep_session,
             # Plan each statement once per connection: every statement the proxy sends is a
             # lookup by key or along an index, and PostgreSQL's default plans `= ANY($1)` (the
-            # batches' reads) anew at each run, 0.2 ms each (README "Performance").
+            # batches' reads) anew at each run, 0.2 ms each (docs/performance.md).
             server_settings={"plan_cache_mode": "force_generic_plan"},
         )
     except UNREACHABLE as exc:

@@ -3,7 +3,7 @@
 Statements run on the event loop's own thread, straight through the standard library's sqlite3:
 a statement on a local WAL file takes microseconds, far less than handing it to a worker thread
 and back (aiosqlite's way: one hop per statement; an admission and its settlement measured at
-2.35 CPU ms that way and 0.74 this way; README "Performance"). A step holds an asyncio lock, so no
+2.35 CPU ms that way and 0.74 this way; README "Storage"). A step holds an asyncio lock, so no
 other coroutine's statement can interleave with it, and BEGIN IMMEDIATE takes SQLite's write lock
 at once: every write runs alone, which is what `Tx.lock_org` asks for. The steps of one turn of
 the event loop share one transaction, each in a savepoint, committed at the end of the turn
