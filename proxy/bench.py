@@ -4,7 +4,7 @@ Each part runs in its own process, on free loopback ports: the mock upstream (no
 delay unless a request scripts one), a bare pass-through (below: aiohttp, streaming relay chunk
 by chunk, no auth, no accounting), the real proxy (`usage-proxy serve` with a generated config:
 a fresh SQLite store or `--store`, members with ample quota and extra usage) and the load
-generator (an aiohttp client with a fixed concurrency). The same requests go to the mock
+generator (the proxy's own HTTP/1.1 client, http1.py, at a fixed concurrency). The same requests go to the mock
 directly, through the bare pass-through and through the proxy; the proxy is judged by its ratio
 to the bare pass-through and by what it adds to the direct figures, never by absolute times.
 
@@ -701,7 +701,9 @@ async def _drive(
             reads = 0
             counted_open = False
             try:
-                response = await client.request("POST", "", headers[index % len(headers)], job.body)
+                response = await client.request(  # "": the client's base URL is job.url
+                    "POST", "", headers[index % len(headers)], job.body
+                )
                 try:
                     while await response.next_chunk():
                         if first_s is None:
@@ -1372,7 +1374,7 @@ class Bench:
             "store_fresh": self.options.store_url is None,
             "pinning": self.pinning.json(),
             "pinning_text": self.pinning.describe(),
-            "load_generator": "aiohttp client, one process",
+            "load_generator": "http1.py client, one process",
             **more,
         }
         return {
