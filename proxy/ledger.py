@@ -1,4 +1,11 @@
-"""Pure rules: windows, who pays, admission, money limits and the split of a charge. No I/O."""
+"""Pure rules: windows, who pays, admission, money limits and the split of a charge. No I/O.
+
+The values a request builds here, in metering.py and in store/base.py (about 25 a request) are
+slotted dataclasses that nothing changes once built, not frozen ones: a frozen dataclass sets
+each field through `object.__setattr__`, 4 to 5 times the cost of building a plain one (0.99 vs
+0.20 us for 8 fields), and dropping `frozen` took 10.5% off the instructions of a request
+(1.661 -> 1.486 M, `usage-proxy bench --instructions`). Build a changed copy with `replace`.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +20,7 @@ SESSION, WEEKLY = "session", "weekly"
 INCLUDED, EXTRA = "included", "extra"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Window:
     """One member's session or weekly window: opened by a request, closed by time passing."""
 
@@ -43,7 +50,7 @@ class Window:
         return now_s < self.ends_at_s
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Windows:
     """The member's windows at one instant, and what changed to get there."""
 
@@ -85,7 +92,7 @@ def current_windows(tier: Tier, stored: Mapping[str, Window], now_s: float) -> W
     return Windows(by_kind, tuple(opened), went_back)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MemberState:
     """What the member may do beyond included quota (money limits come with billing)."""
 
@@ -99,14 +106,14 @@ class MemberState:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Admitted:
     billing: str  # INCLUDED | EXTRA
     included_reserved_nanos: int  # added to the windows' reservations
     consent_until_s: float | None = None  # a new consent to store (continue header)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Blocked:
     limit: str  # "session" | "weekly" | "extra_usage_disabled"
     window: Window  # the window that ran out
@@ -164,7 +171,7 @@ def consent_until(windows: Windows, now_s: float) -> float:
     return windows.by_kind[SESSION].ends_at_s
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Split:
     """How one settled charge divides: included quota, extra usage, and included overrun."""
 
@@ -194,7 +201,7 @@ ORG_MONTHLY, TIER_MONTHLY, MEMBER_MONTHLY, BALANCE = (
 PREPAID_PLANS = frozenset({"team", "max"})  # enterprise is postpaid
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Account:
     """A limit or balance that extra usage draws on, as it stands at one instant."""
 
@@ -210,7 +217,7 @@ class Account:
         return max(0, self.limit_nanos - self.used_nanos - self.reserved_nanos)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Unaffordable:
     """Extra usage would pay, but a limit or the balance cannot fit the request's worst case."""
 
@@ -279,7 +286,7 @@ def month_end_s(month: str, timezone: str) -> float:
     return datetime(year, number, 1, tzinfo=ZoneInfo(timezone)).timestamp()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ExtraFunds:
     """What extra usage can draw on for one member this month."""
 

@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # built for every request: not frozen (ledger.py says why)
 class Usage:
     """Tokens one response used, with the wire names of the API's `usage` object."""
 

@@ -34,7 +34,7 @@ class Seat:
     timezone: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # built for every request: not frozen (ledger.py says why)
 class AdmissionRequest:
     """A request asking to be forwarded; admitted, it becomes a pending reservation."""
 
@@ -51,7 +51,7 @@ class AdmissionRequest:
     expires_at_s: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # built for every request: not frozen (ledger.py says why)
 class Admission:
     """The outcome of admission and the member's state it was decided on (for headers)."""
 
@@ -61,7 +61,7 @@ class Admission:
     funds: ExtraFunds
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # built for every request: not frozen (ledger.py says why)
 class Settled:
     """What a settlement did: the split of the charge, and a reload to buy (if one is due)."""
 
@@ -214,7 +214,7 @@ class MemberStatus:
     funds: ExtraFunds
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # built for every request: not frozen (ledger.py says why)
 class Settlement:
     """What a request turned out to cost; `usage` None means nothing billable (void)."""
 

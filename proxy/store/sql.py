@@ -194,7 +194,7 @@ Starts = tuple[float | None, float | None]  # when a request's session and weekl
 Spent = dict[int, tuple[int, int]]  # org (0) or member id -> the month's (posted, reserved)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # built for every request: not frozen (ledger.py says why)
 class Pending:
     """What admission recorded of a request, for its settlement."""
 
