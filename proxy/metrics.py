@@ -6,18 +6,14 @@ token), models are the canonical ids of pricing.toml, and no member, org or key 
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterator
+from itertools import accumulate
 
 from aiohttp import web
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 from proxy.appkeys import METRICS, STORE
 from proxy.exchange import Exchange
@@ -72,49 +68,61 @@ TOKEN_KINDS = (
 
 
 class Metrics:
-    """The app's metrics in a registry of their own (no global state)."""
+    """The app's metrics in a registry of their own (no global state).
+
+    What every request records (`observe`) is kept as plain numbers, `_Tally` and `_Spread`
+    below, turned into Prometheus families only when /metrics is scraped: prometheus_client's
+    own Counter and Histogram take a lock and a child lookup at each change, 3.8% of a request's
+    instructions (1.482 -> 1.426 M with `observe` cut out, `usage-proxy bench --instructions`).
+    Every change runs on the event loop's thread."""
 
     def __init__(self, tasks: Tasks) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter(
-            "usage_proxy_requests_total",
+        self.requests = _Tally(
+            "usage_proxy_requests",
             "Requests handled, by route pattern, outcome and HTTP status.",
-            ["route", "outcome", "status"],
-            registry=r,
+            ("route", "outcome", "status"),
         )
-        self.tokens = Counter(
-            "usage_proxy_tokens_total",
+        self.tokens = _Tally(
+            "usage_proxy_tokens",
             "Tokens charged, by canonical model and kind (output may be an estimate for a cut "
             "stream).",
-            ["model", "kind"],
-            registry=r,
+            ("model", "kind"),
         )
-        self.cost = Counter(
-            "usage_proxy_cost_nanos_total",
+        self.cost = _Tally(
+            "usage_proxy_cost_nanos",
             "Cost charged in nano-USD, by canonical model and who pays (included | extra).",
-            ["model", "billing"],
-            registry=r,
+            ("model", "billing"),
         )
-        self.refusals = Counter(
-            "usage_proxy_refusals_total",
+        self.refusals = _Tally(
+            "usage_proxy_refusals",
             "Requests refused by a limit (session, weekly, org_monthly, balance, ...).",
-            ["limit"],
-            registry=r,
+            ("limit",),
         )
-        self.upstream_latency = Histogram(
+        self.upstream_latency = _Spread(
             "usage_proxy_upstream_latency_seconds",
             "Upstream time: to the response head for streams and relays, to the whole answer "
             "for non-streaming messages.",
-            buckets=UPSTREAM_BUCKETS_S,
-            registry=r,
+            UPSTREAM_BUCKETS_S,
         )
-        self.added_latency = Histogram(
+        self.added_latency = _Spread(
             "usage_proxy_added_latency_seconds",
             "The proxy's own time on forwarded requests: arrival to upstream call, plus, for "
             "non-streaming messages, upstream answer to response.",
-            buckets=ADDED_BUCKETS_S,
-            registry=r,
+            ADDED_BUCKETS_S,
+        )
+        r.register(
+            _Families(
+                (
+                    self.requests,
+                    self.tokens,
+                    self.cost,
+                    self.refusals,
+                    self.upstream_latency,
+                    self.added_latency,
+                )
+            )
         )
         self.open_streams = Gauge(
             "usage_proxy_open_streams",
@@ -136,12 +144,6 @@ class Metrics:
         )
         self._batches = _StoreBatches()
         r.register(self._batches)
-        # Labelled children, looked up once (labels() costs ~1 us a call); their keys are the
-        # labels' own values, so these are bounded as the label sets are.
-        # model -> its token counters in TOKEN_KINDS order
-        self._tokens_by_model: dict[str, list[Counter]] = {}
-        self._requests_by_labels: dict[tuple[str, ...], Counter] = {}
-        self._cost_by_labels: dict[tuple[str, ...], Counter] = {}
 
     def watch_store(self, store: Store) -> None:
         """Count the batches of the PostgreSQL store (there are none on SQLite)."""
@@ -150,9 +152,9 @@ class Metrics:
 
     def observe(self, ex: Exchange, *, route: str, status: int, duration_s: float) -> None:
         """Record one finished request (called once, from the middleware's `finally`)."""
-        _child(self._requests_by_labels, self.requests, route, ex.outcome, str(status)).inc()
+        self.requests.add((route, ex.outcome, str(status)))
         if ex.outcome.startswith(REFUSED):
-            self.refusals.labels(limit=ex.outcome.removeprefix(REFUSED)).inc()
+            self.refusals.add((ex.outcome.removeprefix(REFUSED),))
         if ex.upstream_ms is not None:
             self.upstream_latency.observe(ex.upstream_ms / 1000)
         added_s = added_latency_s(ex, duration_s)
@@ -167,17 +169,68 @@ class Metrics:
             return
         model = ex.price.model  # canonical: aliases, dated ids and price_as models fold into it
         if ex.usage is not None:
-            counters = self._tokens_by_model.get(model)
-            if counters is None:
-                counters = [self.tokens.labels(model, kind) for kind, _ in TOKEN_KINDS]
-                self._tokens_by_model[model] = counters
-            for counter, (_, name) in zip(counters, TOKEN_KINDS, strict=True):
-                if tokens := getattr(ex.usage, name):  # inc(0) changes nothing, and locks
-                    counter.inc(tokens)
-        _child(self._cost_by_labels, self.cost, model, ex.billing).inc(ex.cost_nanos)
+            for kind, name in TOKEN_KINDS:
+                self.tokens.add((model, kind), getattr(ex.usage, name))
+        self.cost.add((model, ex.billing), ex.cost_nanos)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _Tally:
+    """A counter by label values, as plain numbers."""
+
+    __slots__ = ("_values", "doc", "labels", "name")
+
+    def __init__(self, name: str, doc: str, labels: tuple[str, ...]) -> None:
+        self.name, self.doc, self.labels = name, doc, labels
+        self._values: dict[tuple[str, ...], int | float] = {}
+
+    def add(self, labels: tuple[str, ...], amount: int | float = 1) -> None:
+        values = self._values
+        values[labels] = values.get(labels, 0) + amount
+
+    def family(self) -> CounterMetricFamily:
+        family = CounterMetricFamily(self.name, self.doc, labels=self.labels)
+        for labels, value in self._values.items():
+            family.add_metric(labels, value)
+        return family
+
+
+class _Spread:
+    """A histogram without labels, as plain numbers: a count per bucket and the sum."""
+
+    __slots__ = ("_bounds", "_counts", "_sum", "doc", "name")
+
+    def __init__(self, name: str, doc: str, bounds: tuple[float, ...]) -> None:
+        self.name, self.doc, self._bounds = name, doc, bounds
+        self._counts = [0] * (len(bounds) + 1)  # the last: above every bound (+Inf)
+        self._sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self._counts[bisect_left(self._bounds, value)] += 1  # le: the first bound >= value
+        self._sum += value
+
+    def family(self) -> HistogramMetricFamily:
+        cumulative = list(accumulate(self._counts))
+        bounds = [*(floatToGoString(bound) for bound in self._bounds), "+Inf"]
+        return HistogramMetricFamily(
+            self.name,
+            self.doc,
+            buckets=list(zip(bounds, cumulative, strict=True)),
+            sum_value=self._sum,
+        )
+
+
+class _Families:
+    """The registry's view of the tallies and spreads: read at each scrape."""
+
+    def __init__(self, metrics: tuple[_Tally | _Spread, ...]) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+        for metric in self._metrics:
+            yield metric.family()
 
 
 class _StoreBatches:
@@ -210,14 +263,6 @@ class _StoreBatches:
             ),
         ):
             yield CounterMetricFamily(f"usage_proxy_store_{name}", text, value=value)
-
-
-def _child(children: dict[tuple[str, ...], Counter], metric: Counter, *labels: str) -> Counter:
-    """The metric's child for these label values, looked up in prometheus once."""
-    child = children.get(labels)
-    if child is None:
-        child = children[labels] = metric.labels(*labels)
-    return child
 
 
 def charge_pending(ex: Exchange) -> bool:

@@ -12,7 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
 from proxy.exchange import Exchange
-from proxy.metrics import added_latency_s
+from proxy.metrics import Metrics, added_latency_s
+from proxy.tasks import Tasks
 from tests.conftest import ALICE_KEY, settled
 from tests.test_e2e_sdk import PROMPT, SCRIPTED_COST_NANOS, SCRIPTED_USAGE, sdk
 from tests.test_quota_e2e import COST, COST_NANOS, SMALL_PLANS, spend
@@ -216,3 +217,17 @@ async def test_the_postgresql_stores_batches_are_counted(start_proxy, store_url:
     assert steps == 6  # three admissions, three settlements
     assert 2 <= batches <= 6  # admissions and settlements of one request never share a batch
     assert metrics.value("usage_proxy_store_steps_alone_total") == 0
+
+
+def test_a_latency_counts_in_every_bucket_whose_bound_holds_it() -> None:
+    metrics = Metrics(Tasks())
+    for value_s in (0.0001, 0.00011, 400.0):  # on a bound, just past it, past every bound
+        metrics.added_latency.observe(value_s)
+    exposed = Scrape(metrics.exposition().decode())
+    bucket = "usage_proxy_added_latency_seconds_bucket"
+    assert exposed.value(bucket, le="0.0001") == 1
+    assert exposed.value(bucket, le="0.00025") == 2
+    assert exposed.value(bucket, le="1.0") == 2
+    assert exposed.value(bucket, le="+Inf") == 3
+    assert exposed.value("usage_proxy_added_latency_seconds_count") == 3
+    assert exposed.value("usage_proxy_added_latency_seconds_sum") == 0.0001 + 0.00011 + 400.0
