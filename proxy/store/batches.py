@@ -69,7 +69,7 @@ BATCHES_RUNNING_MAX = 2
 _ALONE = object()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # built for every step: not frozen (ledger.py says why)
 class _Waiting:
     """A step waiting for its batch: an admission or a settlement, and its answer to come."""
 
