@@ -5,6 +5,7 @@ from __future__ import annotations
 import json as stdlib_json
 import logging
 import sys
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import orjson
@@ -18,16 +19,20 @@ def configure_logging(
     level: str = "info", *, json: bool = True, stream: TextIO = sys.stdout
 ) -> None:
     """JSON lines (one per event) to stdout; called once by the CLI, never on import."""
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+    ]
+    if json:  # the time as a datetime, which orjson writes as structlog's ISO stamp would
+        processors += [_utc_now, structlog.processors.format_exc_info, json_line]
+    else:
+        processors += [
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(serializer=json_line)
-            if json
-            else structlog.dev.ConsoleRenderer(),
-        ],
+            structlog.dev.ConsoleRenderer(),
+        ]
+    structlog.configure(
+        processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
         ),
@@ -36,14 +41,26 @@ def configure_logging(
     )
 
 
-def json_line(event: dict[str, Any], **options: Any) -> str:
-    """One event as compact JSON: orjson, a tenth of the stdlib's time for the request line.
-    `options` are JSONRenderer's (`default`: the repr of what JSON cannot hold); what orjson
-    refuses (an integer beyond 64 bits) goes through the stdlib, so logging never fails."""
+def _utc_now(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    """`timestamp`: now, in UTC (0.2 us; structlog's ISO TimeStamper formats it itself, 1.9)."""
+    event["timestamp"] = datetime.now(UTC)
+    return event
+
+
+def json_line(_: Any, __: str, event: dict[str, Any]) -> str:
+    """The last processor: one event as compact JSON, orjson (a tenth of the stdlib's time for
+    the request line), datetimes as `2026-12-07T06:49:47.427584Z`; what orjson refuses (an
+    integer beyond 64 bits) goes through the stdlib, so logging never fails."""
     try:
-        return orjson.dumps(event, default=options.get("default")).decode()
+        return orjson.dumps(event, default=repr, option=orjson.OPT_UTC_Z).decode()
     except orjson.JSONEncodeError:
-        return stdlib_json.dumps(event, **options)
+        return stdlib_json.dumps(event, default=_plain, separators=(",", ":"))
+
+
+def _plain(value: object) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat().replace("+00:00", "Z")
+    return repr(value)
 
 
 def request_line(ex: Exchange, *, method: str, path: str, status: int) -> dict[str, object]:
