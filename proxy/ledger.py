@@ -1,6 +1,6 @@
 """Pure rules: windows, who pays, admission, money limits and the split of a charge. No I/O.
 
-The values a request builds here, in metering.py and in store/base.py (about 25 a request) are
+The values a request builds here, in metering.py and in the store (about 25 a request) are
 slotted dataclasses that nothing changes once built, not frozen ones: a frozen dataclass sets
 each field through `object.__setattr__`, 4 to 5 times the cost of building a plain one (0.99 vs
 0.20 us for 8 fields), and dropping `frozen` took 10.5% off the instructions of a request
