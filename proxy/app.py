@@ -91,7 +91,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
             )
         app[STORE] = store
         app[METRICS].watch_store(store)
-        app[KEYS] = KeyCache(store, app[CLOCK], settings.server.key_cache_s)
+        app[KEYS] = KeyCache(store, app[CLOCK], settings.server.key_cache_s, app[TASKS])
         links = ContinueLinks(await store.secret("continue_link"), settings.server.public_url)
         alerts = Alerts(store, app[WEBHOOKS])
         app[BILLING] = Billing(
