@@ -18,6 +18,7 @@ from proxy.settings import Tier
 
 SESSION, WEEKLY = "session", "weekly"
 INCLUDED, EXTRA = "included", "extra"
+DAY_S = 86_400
 
 
 @dataclass(slots=True)
@@ -279,11 +280,42 @@ def month_of(at_s: float, timezone: str) -> str:
     return f"{local.year:04d}-{local.month:02d}"
 
 
+def month_start_s(month: str, timezone: str) -> float:
+    """When a month begins in the org's time zone."""
+    year, number = (int(part) for part in month.split("-"))
+    return datetime(year, number, 1, tzinfo=ZoneInfo(timezone)).timestamp()
+
+
 def month_end_s(month: str, timezone: str) -> float:
     """When a month ends (the next one begins) in the org's time zone."""
     year, number = (int(part) for part in month.split("-"))
     year, number = (year + 1, 1) if number == 12 else (year, number + 1)
     return datetime(year, number, 1, tzinfo=ZoneInfo(timezone)).timestamp()
+
+
+class Months:
+    """`month_of` for a stream of instants close together (every admission and settlement asks
+    it): each zone's last month is kept with the span it surely covers, from a day after the
+    month's start to a day before its end (no zone's clock jumps by a day at a month's start),
+    so most answers cost a comparison instead of a time zone conversion (1.4% of a request's
+    instructions, `bench --instructions`)."""
+
+    __slots__ = ("_known",)
+
+    def __init__(self) -> None:
+        self._known: dict[str, tuple[float, float, str]] = {}  # zone -> (from_s, to_s, month)
+
+    def of(self, at_s: float, timezone: str) -> str:
+        known = self._known.get(timezone)
+        if known is not None and known[0] <= at_s < known[1]:
+            return known[2]
+        month = month_of(at_s, timezone)
+        self._known[timezone] = (
+            month_start_s(month, timezone) + DAY_S,
+            month_end_s(month, timezone) - DAY_S,
+            month,
+        )
+        return month
 
 
 @dataclass(slots=True)

@@ -16,6 +16,7 @@ from proxy.ledger import (
     Admitted,
     Blocked,
     MemberState,
+    Months,
     Split,
     Window,
     admit,
@@ -238,6 +239,19 @@ def test_months_are_calendar_months_in_the_org_zone(at_s: float, timezone: str, 
 def test_month_end_is_the_next_month_start_in_the_org_zone() -> None:
     assert month_end_s("2026-01", "Europe/Rome") == 1_769_900_400.0
     assert month_end_s("2025-12", "UTC") == 1_767_225_600.0
+
+
+@pytest.mark.parametrize(
+    "timezone", ["UTC", "Europe/Rome", "Pacific/Kiritimati", "Etc/GMT+12", "Pacific/Apia"]
+)
+def test_remembered_months_answer_as_month_of_does_forwards_and_back(timezone: str) -> None:
+    """Every 37 minutes over three months around a year's end (and Samoa's skipped day of
+    December 2011), in order and then back: the same month as `month_of` each time."""
+    for start_s in (1_764_547_200.0, 1_320_105_600.0):  # 2025-12-01, 2011-11-01 (UTC)
+        instants_s = [start_s + step * 37 * 60 for step in range(3 * 31 * 24 * 60 // 37)]
+        months = Months()
+        for at_s in instants_s + instants_s[::-1]:
+            assert months.of(at_s, timezone) == month_of(at_s, timezone), at_s
 
 
 @pytest.mark.parametrize(

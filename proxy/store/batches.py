@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from proxy.ledger import Admitted, Window, month_of
+from proxy.ledger import Admitted, Months, Window, month_of
 from proxy.settings import Tier
 from proxy.store.base import Admission, AdmissionRequest, Settled, Settlement, StoreUnavailable
 from proxy.store.books import Copy, _money_of
@@ -176,7 +176,7 @@ class BatchedStore(SqlStore):
     async def _once(self, batch: list[_Waiting]) -> list[Any]:
         """The batch's transaction: each step's answer, or _ALONE for a step it did not run."""
         async with self._pg.transaction() as tx:
-            books = _Batch(self._pg, tx)
+            books = _Batch(self._pg, tx, self._months)
             locked = await books.lock([waiting.step for waiting in batch])
             answers: list[Any] = []
             for waiting, ready in zip(batch, locked, strict=True):
@@ -280,10 +280,11 @@ class _OneTransaction:
 class _Batch(Copy):
     """The books of one batch: read under the batch's locks, forgotten with it."""
 
-    def __init__(self, db: PostgresDatabase, tx: PostgresTx) -> None:
+    def __init__(self, db: PostgresDatabase, tx: PostgresTx, months: Months) -> None:
         self.held = _Held(tx, self)
         super().__init__(_OneTransaction(db, self.held))  # type: ignore[arg-type]
         self._tx = tx
+        self._months = months  # the store's: a batch is too short to learn them again
 
     async def lock(self, steps: Sequence[AdmissionRequest | Settlement]) -> list[bool]:
         """Lock and read the books of the steps in one statement (`_BOOKS_SQL`); for each step,
@@ -313,7 +314,7 @@ class _Batch(Copy):
             seat = self._seats.get(self._member_of(step))  # type: ignore[arg-type]
             locked.append(seat is not None)
             if seat is not None:
-                month = month_of(_decided_at_s(step), seat.timezone)
+                month = self._months.of(_decided_at_s(step), seat.timezone)
                 for key in ((seat.org_id, 0, month), (seat.org_id, seat.member_id, month)):
                     self._spent[key] = spent.get(key, (0, 0))
         return locked
@@ -341,14 +342,16 @@ def _decided_at_s(step: AdmissionRequest | Settlement) -> float:
 
 def _months_around(instants_s: Sequence[float]) -> list[str]:
     """Every calendar month any of these instants may fall in, in any time zone (UTC-12 to
-    UTC+14): the months of each instant 14 hours earlier and later, in UTC."""
-    return sorted(
-        {
-            month_of(at_s + shift_s, "UTC")
-            for at_s in instants_s
-            for shift_s in (-ZONE_OFFSET_MAX_S, ZONE_OFFSET_MAX_S)
-        }
-    )
+    UTC+14): the months from the earliest instant's, 14 hours earlier, to the latest's, 14
+    hours later, in UTC (a batch's instants are moments apart: one month or two)."""
+    month = month_of(min(instants_s) - ZONE_OFFSET_MAX_S, "UTC")
+    last = month_of(max(instants_s) + ZONE_OFFSET_MAX_S, "UTC")
+    months = [month]
+    while month < last:  # YYYY-MM: text order is time order
+        year, number = int(month[:4]), int(month[5:])
+        month = f"{year + 1:04d}-01" if number == 12 else f"{year:04d}-{number + 1:02d}"
+        months.append(month)
+    return months
 
 
 _SEAT_FIELDS = len(fields(_SeatRow))

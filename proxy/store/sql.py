@@ -43,6 +43,7 @@ from proxy.ledger import (
     Blocked,
     ExtraFunds,
     MemberState,
+    Months,
     ReloadOrder,
     Unaffordable,
     Window,
@@ -215,15 +216,27 @@ async def to_its_end(step: Awaitable[R]) -> R:
     task = asyncio.ensure_future(step)
     cancelled = False
     while not task.done():
+        # What asyncio.wait([task]) does, without its sets and timeout (a third of its cost,
+        # twice a request on PostgreSQL): only the caller's cancellation reaches `woken`.
+        woken = asyncio.get_running_loop().create_future()
+        wake = functools.partial(_wake, woken)
+        task.add_done_callback(wake)
         try:
-            await asyncio.wait([task])  # never cancels the step itself
+            await woken
         except asyncio.CancelledError:
             cancelled = True
+        finally:
+            task.remove_done_callback(wake)
     if cancelled:
         caller = asyncio.current_task()
         assert caller is not None
         caller.cancel()
     return task.result()
+
+
+def _wake(woken: asyncio.Future[None], _: object) -> None:
+    if not woken.done():
+        woken.set_result(None)
 
 
 def _atomic(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
@@ -255,6 +268,7 @@ class SqlStore:
 
     def __init__(self, db: Database) -> None:
         self._db = db
+        self._months = Months()
 
     @property
     def database(self) -> Database:
@@ -517,7 +531,7 @@ class SqlStore:
     ) -> tuple[dict[str, Window], ExtraFunds]:
         """The member's windows (the newest of each kind, or the ones that began at `starts`)
         and what extra usage can draw on this month."""
-        month = month_of(now_s, seat.timezone)
+        month = self._months.of(now_s, seat.timezone)
         windows, spent = await self._stored(db, seat, month, starts)
         return windows, _funds(seat, month, spent)
 

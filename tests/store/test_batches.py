@@ -16,7 +16,7 @@ from proxy.ledger import Admitted, Unaffordable, month_of
 from proxy.orgfile import parse_orgs
 from proxy.settings import StoreSettings
 from proxy.store import open_store
-from proxy.store.batches import BatchedStore
+from proxy.store.batches import BatchedStore, _months_around
 from tests.conftest import ALICE_KEY, BOB_KEY, DEFAULT_ORGS, postgres_schema
 from tests.store.test_contract import NOW_S, PLANS, TIERS, asking, settling
 
@@ -182,3 +182,18 @@ async def waiting_for(replica: asyncpg.Connection) -> None:
             return
         await asyncio.sleep(0.02)
     raise AssertionError("nothing waits for the lock")
+
+
+def test_a_batch_reads_every_month_its_instants_fall_in_anywhere() -> None:
+    """From the earliest instant's month 14 hours earlier (UTC-12 is the furthest behind) to
+    the latest's 14 hours later (UTC+14), every month between included."""
+    new_year_eve_8pm_utc_s = 1_798_747_200.0  # 2026-12-31T20:00:00Z: already 2027 at UTC+14
+    assert _months_around([new_year_eve_8pm_utc_s]) == ["2026-12", "2027-01"]
+    mid_june_s = 1_781_481_600.0  # 2026-06-15T00:00:00Z
+    assert _months_around([mid_june_s, mid_june_s + 60]) == ["2026-06"]
+    assert _months_around([mid_june_s, new_year_eve_8pm_utc_s]) == [
+        f"2026-{month:02d}" for month in range(6, 13)
+    ] + ["2027-01"]
+    for at_s in (mid_june_s, new_year_eve_8pm_utc_s):  # in every zone, the month is listed
+        for zone in ("Pacific/Kiritimati", "Etc/GMT+12", "Europe/Rome"):
+            assert month_of(at_s, zone) in _months_around([at_s])
