@@ -280,6 +280,12 @@ def month_of(at_s: float, timezone: str) -> str:
     return f"{local.year:04d}-{local.month:02d}"
 
 
+def next_month(month: str) -> str:
+    """The calendar month (YYYY-MM) after `month`."""
+    year, number = (int(part) for part in month.split("-"))
+    return f"{year + 1:04d}-01" if number == 12 else f"{year:04d}-{number + 1:02d}"
+
+
 def month_start_s(month: str, timezone: str) -> float:
     """When a month begins in the org's time zone."""
     year, number = (int(part) for part in month.split("-"))
@@ -288,9 +294,7 @@ def month_start_s(month: str, timezone: str) -> float:
 
 def month_end_s(month: str, timezone: str) -> float:
     """When a month ends (the next one begins) in the org's time zone."""
-    year, number = (int(part) for part in month.split("-"))
-    year, number = (year + 1, 1) if number == 12 else (year, number + 1)
-    return datetime(year, number, 1, tzinfo=ZoneInfo(timezone)).timestamp()
+    return month_start_s(next_month(month), timezone)
 
 
 class Months:

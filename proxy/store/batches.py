@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from proxy.ledger import Admitted, Months, Window, month_of
+from proxy.ledger import Admitted, Months, Window, month_of, next_month
 from proxy.settings import Tier
 from proxy.store.base import Admission, AdmissionRequest, Settled, Settlement, StoreUnavailable
 from proxy.store.books import Copy, _money_of
@@ -348,8 +348,7 @@ def _months_around(instants_s: Sequence[float]) -> list[str]:
     last = month_of(max(instants_s) + ZONE_OFFSET_MAX_S, "UTC")
     months = [month]
     while month < last:  # YYYY-MM: text order is time order
-        year, number = int(month[:4]), int(month[5:])
-        month = f"{year + 1:04d}-01" if number == 12 else f"{year:04d}-{number + 1:02d}"
+        month = next_month(month)
         months.append(month)
     return months
 
