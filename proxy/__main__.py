@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import json
@@ -20,7 +21,7 @@ from aiohttp import web
 
 from proxy import admincli, bench
 from proxy.admincli import DEFAULT_URL
-from proxy.app import create_app
+from proxy.app import create_app, front_runner
 from proxy.auth import hash_key
 from proxy.clock import OffsetClock, SystemClock
 from proxy.errors import ConfigError
@@ -310,18 +311,38 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _run(app: web.Application, server: ServerSettings, banner: Callable[[str], None]) -> None:
+    """Serve until SIGINT or SIGTERM, then stop accepting and let running requests end within
+    `server.shutdown_grace_s` (what aiohttp's run_app does, with the lean front: front.py)."""
     app.on_startup.append(_freeze_startup_heap)  # after the cleanup contexts have started
-    web.run_app(
+    runner = front_runner(
         app,
-        loop=_event_loop(),
-        host=server.host,
-        port=server.port,
+        handle_signals=True,  # SIGINT, SIGTERM: raise GracefulExit
         handler_cancellation=True,
         access_log=None,
-        shutdown_timeout=server.shutdown_grace_s,  # SIGTERM: stop accepting, let streams end
-        keepalive_timeout=server.idle_timeout_s,
-        print=banner,
+        shutdown_timeout=server.shutdown_grace_s,
     )
+
+    async def serve() -> None:
+        try:
+            await runner.setup()
+            await web.TCPSite(runner, server.host, server.port).start()
+            banner(f"http://{server.host}:{server.port}")
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+
+    loop = _event_loop()
+    asyncio.set_event_loop(loop)
+    main = loop.create_task(serve())
+    try:
+        loop.run_until_complete(main)
+    except (web.GracefulExit, KeyboardInterrupt):
+        main.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            loop.run_until_complete(main)
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
 
 
 async def _freeze_startup_heap(_: web.Application) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncIterator
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -30,8 +32,9 @@ from proxy.billing import Billing, LedgerPayments, PaymentProvider
 from proxy.clock import Clock, SystemClock
 from proxy.continuation import ContinueLinks
 from proxy.errors import bad_request
+from proxy.front import FrontRunner
 from proxy.metrics import Metrics, scrape
-from proxy.middlewares import exchange_middleware
+from proxy.middlewares import exchange_middleware, serve_lean
 from proxy.orgfile import load_orgs
 from proxy.refusals import rfc3339
 from proxy.settings import Settings
@@ -68,7 +71,7 @@ def create_app(
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", scrape)  # unauthenticated: keep it off the public side
-    app.router.add_post("/v1/messages", handlers.messages)
+    app.router.add_post("/v1/messages", handlers.messages_route)
     app.router.add_post("/v1/extra-usage/continue", handlers.continue_extra_usage)
     app.router.add_get("/v1/usage", handlers.member_usage)
     app.router.add_get("/continue/{token}", pages.continue_page)
@@ -79,6 +82,21 @@ def create_app(
     admin_routes.setup(app)
     ui_views.setup(app)  # the web pages under /ui/
     return app
+
+
+def front_runner(app: web.Application, **kwargs: Any) -> FrontRunner:
+    """The runner that serves `app`: /v1/messages on the lean front, the rest on aiohttp
+    (front.py); `kwargs` are aiohttp's AppRunner's. Both close a connection idle for
+    server.idle_timeout_s."""
+    server = app[SETTINGS].server
+    return FrontRunner(
+        app,
+        functools.partial(serve_lean, app),
+        max_body_bytes=server.max_body_bytes,
+        idle_timeout_s=server.idle_timeout_s,
+        keepalive_timeout=server.idle_timeout_s,
+        **kwargs,
+    )
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from aiohttp import hdrs, web
 from multidict import CIMultiDict
@@ -56,16 +58,21 @@ async def head_root(request: web.Request) -> web.Response:
 
 
 async def authenticate(request: web.Request) -> Seat:
-    key = key_from_headers(request.headers)
+    return await seat_for(request.app, request[EXCHANGE], request.headers)
+
+
+async def seat_for(app: web.Application, ex: Exchange, headers: Mapping[str, str]) -> Seat:
+    """The seat of the key the request carries, into the Exchange; else a 401 Refusal."""
+    key = key_from_headers(headers)
     if not key:
         raise unauthenticated(
             "No key was sent. Set ANTHROPIC_API_KEY (or ANTHROPIC_AUTH_TOKEN) to the key your "
             "usage-proxy owner gave you."
         )
-    seat = await request.app[KEYS].seat(key)
+    seat = await app[KEYS].seat(key)
     if seat is None:
         raise unauthenticated("This key is not valid on this proxy (unknown or revoked).")
-    request[EXCHANGE].seat = seat
+    ex.seat = seat
     return seat
 
 
@@ -100,37 +107,79 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
         return response
 
 
-async def messages(request: web.Request) -> web.StreamResponse:
+class Call(Protocol):
+    """One POST /v1/messages as the handler sees it, whichever server took it: the lean
+    front (front.py), or aiohttp on a connection that asked for another route first (`AioCall`).
+    Writes raise ConnectionResetError when the client has gone."""
+
+    headers: Mapping[str, str]
+    path_qs: str  # the path and query, as sent
+
+    async def read(self) -> bytes:
+        """The whole body; a 413 (aiohttp's HTTPRequestEntityTooLarge) past server.max_body_mb."""
+        ...
+
+    async def respond(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
+        """A whole answer."""
+        ...
+
+    async def start_stream(self, status: int, headers: Mapping[str, str], first: bytes) -> None:
+        """A streamed answer's head and its first chunk, in one write."""
+        ...
+
+    def send(self, chunk: bytes) -> bool:
+        """One more chunk of the stream, written at once (from a callback: no await); False when
+        the client left or its send buffer is full (then `client_left`, or `drain`)."""
+        ...
+
+    @property
+    def client_left(self) -> bool: ...
+
+    async def drain(self) -> None:
+        """Wait until the client's send buffer has room again."""
+        ...
+
+    async def end_stream(self) -> None: ...
+
+    def abort(self) -> None:
+        """Close the connection at once: the client sees a broken answer."""
+        ...
+
+
+async def messages_route(request: web.Request) -> web.StreamResponse:
+    """POST /v1/messages on a connection aiohttp serves (front.py hands it one)."""
+    call = AioCall(request)
+    await messages(request.app, request[EXCHANGE], call)
+    assert call.response is not None  # every path through messages() answers or raises
+    return call.response
+
+
+async def messages(app: web.Application, ex: Exchange, call: Call) -> None:
     """POST /v1/messages: authenticate, price the worst case, reserve, forward, meter, settle."""
-    app = request.app
-    ex = request[EXCHANGE]
-    await authenticate(request)
-    body = await request.read()
+    await seat_for(app, ex, call.headers)
+    body = await call.read()
     await read_call(app, ex, body)
-    await app[BILLING].admit(ex, continue_requested=wants_to_continue(request))
+    await app[BILLING].admit(ex, continue_requested=wants_to_continue(call.headers))
 
     upstream = app[UPSTREAM]
-    headers = upstream.request_headers(request.headers)
-    path_qs = request.rel_url.raw_path_qs
+    headers = upstream.request_headers(call.headers)
     if ex.stream:
         try:
-            return await _relay_stream(request, ex, path_qs, headers, body)
+            await _relay_stream(app, ex, call, headers, body)
+            return
         finally:
             _spawn_settle(app, ex)
     # Not streaming: the upstream call runs to its end even when the client leaves, so the
     # charge is always the API's own count of what it produced.
     task = app[TASKS].spawn(
-        _forward_whole(app, ex, path_qs, headers, body), name=f"forward {ex.request_id}"
+        _forward_whole(app, ex, call.path_qs, headers, body), name=f"forward {ex.request_id}"
     )
     try:
         status, response_headers, payload = await asyncio.shield(task)
-        response = web.Response(status=status, headers=response_headers, body=payload)
         try:
-            await response.prepare(request)
-            await response.write_eof()  # the answer is out before its settlement runs
+            await call.respond(status, response_headers, payload)  # out before its settlement
         except ConnectionResetError:
             ex.outcome = "client_disconnected"
-        return response
     except asyncio.CancelledError:
         if not task.done():
             ex.outcome = "client_disconnected"
@@ -172,9 +221,9 @@ def _charged_late(app: web.Application, ex: Exchange) -> None:
     _spawn_settle(app, ex)
 
 
-def wants_to_continue(request: web.Request) -> bool:
+def wants_to_continue(headers: Mapping[str, str]) -> bool:
     """`x-extra-usage: continue`: the member chooses to go on with extra usage when needed."""
-    return request.headers.get(CONTINUE_HEADER, "").strip().lower() == "continue"
+    return headers.get(CONTINUE_HEADER, "").strip().lower() == "continue"
 
 
 async def continue_extra_usage(request: web.Request) -> web.Response:
@@ -325,31 +374,30 @@ async def _forward_whole(
 
 
 async def _relay_stream(
-    request: web.Request, ex: Exchange, path_qs: str, headers: CIMultiDict[str], body: bytes
-) -> web.StreamResponse:
+    app: web.Application, ex: Exchange, call: Call, headers: CIMultiDict[str], body: bytes
+) -> None:
     """Relay an SSE stream chunk by chunk while metering it; charge what was used."""
-    app = request.app
     upstream = app[UPSTREAM]
     ex.forwarded_s = started_s = time.perf_counter()
     try:
-        async with upstream.send("POST", path_qs, headers, body) as up:
+        async with upstream.send("POST", call.path_qs, headers, body) as up:
             ex.upstream_status = up.status
             ex.upstream_ms = (time.perf_counter() - started_s) * 1000
+            response_headers = upstream.response_headers(up.headers)
+            response_headers.update(ex.usage_headers)
             if up.status >= 300 or up.content_type != SSE_CONTENT_TYPE:
                 payload = await up.read()
                 app[BILLING].charge(ex, usage_from_body(payload) if up.status < 300 else None)
                 ex.outcome = "ok" if up.status < 300 else "upstream_error"
-                response_headers = upstream.response_headers(up.headers)
-                response_headers.update(ex.usage_headers)
-                return web.Response(status=up.status, headers=response_headers, body=payload)
-            response_headers = upstream.response_headers(up.headers)
-            response_headers.update(ex.usage_headers)
-            response = web.StreamResponse(status=up.status, headers=response_headers)
-            await response.prepare(request)
+                try:
+                    await call.respond(up.status, response_headers, payload)
+                except ConnectionResetError:
+                    ex.outcome = "client_disconnected"
+                return
             app[METRICS].open_streams.inc()
             meter = SseMeter()
             try:
-                ex.outcome = await _pump(request, up, response, meter)
+                ex.outcome = await _pump(call, up, response_headers, meter)
             except asyncio.CancelledError:
                 ex.outcome = "client_disconnected"
                 raise
@@ -357,34 +405,35 @@ async def _relay_stream(
                 app[METRICS].open_streams.dec()
                 app[BILLING].charge(ex, _stream_usage(app, meter))
             if ex.outcome == "upstream_cut":
-                _abort(request)  # let the client see a broken stream, as it was
+                call.abort()  # let the client see a broken stream, as it was
             elif ex.outcome != "client_disconnected":
-                await response.write_eof()
-            return response
+                with contextlib.suppress(ConnectionResetError):
+                    await call.end_stream()
     except Refusal as refusal:
         ex.outcome = refusal.outcome
         raise
 
 
-async def _pump(
-    request: web.Request, up: Response, response: web.StreamResponse, meter: SseMeter
-) -> str:
+async def _pump(call: Call, up: Response, headers: CIMultiDict[str], meter: SseMeter) -> str:
     """Copy upstream chunks to the client as they arrive; return how the stream ended.
 
-    The first chunk goes out with the response head (aiohttp sends them in one write). Every
-    later one is metered and written from the upstream connection's own callback as it arrives
-    (`Response.push`), with no task switch between reading it and writing it on."""
+    The first chunk goes out with the response head, in one write. Every later one is metered
+    and written from the upstream connection's own callback as it arrives (`Response.push`),
+    with no task switch between reading it and writing it on."""
     try:
         chunk = await up.next_chunk()
+        meter.feed(chunk)
+        await call.start_stream(up.status, headers, chunk)
         if chunk:
-            meter.feed(chunk)
-            await response.write(chunk)
-            chunked = response.headers.get(hdrs.TRANSFER_ENCODING) == "chunked"  # set by prepare()
-            sink = _ClientSink(request, chunked, meter)
+
+            def sink(chunk: bytes) -> bool:
+                meter.feed(chunk)
+                return call.send(chunk)
+
             while not await up.push(sink):
-                if sink.client_left:
+                if call.client_left:
                     return "client_disconnected"
-                await request.writer.drain()  # the client reads slowly: wait for it
+                await call.drain()  # the client reads slowly: wait for it
     except UpstreamError:
         return "upstream_cut"
     except ConnectionResetError:
@@ -394,29 +443,53 @@ async def _pump(
     return "upstream_error_event" if meter.error_type else "upstream_cut"
 
 
-class _ClientSink:
-    """Writes a stream's chunks to its client as `Response.push` hands them over, metering each
-    first; answers False to stop the push when the client left or its send buffer is full."""
+class AioCall:
+    """`Call` over aiohttp's request and response objects."""
 
-    __slots__ = ("_chunked", "_high_water_bytes", "_meter", "_transport", "client_left")
-
-    def __init__(self, request: web.Request, chunked: bool, meter: SseMeter) -> None:
-        transport = request.transport
-        assert transport is not None  # the response was just written to it
-        self._transport = transport
-        self._high_water_bytes = transport.get_write_buffer_limits()[1]
-        self._chunked = chunked  # HTTP/1.1: each chunk framed as aiohttp's writer would
-        self._meter = meter
+    def __init__(self, request: web.Request) -> None:
+        self._request = request
+        self.headers = request.headers
+        self.path_qs = request.rel_url.raw_path_qs
+        self.response: web.StreamResponse | None = None
+        self._chunked = False
+        self._high_water_bytes = 0
         self.client_left = False
 
-    def __call__(self, chunk: bytes) -> bool:
-        self._meter.feed(chunk)
-        transport = self._transport
-        if transport.is_closing():
+    async def read(self) -> bytes:
+        return await self._request.read()
+
+    async def respond(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
+        self.response = web.Response(status=status, headers=headers, body=body)
+        await self.response.prepare(self._request)
+        await self.response.write_eof()
+
+    async def start_stream(self, status: int, headers: Mapping[str, str], first: bytes) -> None:
+        response = self.response = web.StreamResponse(status=status, headers=headers)
+        await response.prepare(self._request)  # aiohttp sends the head with the first write
+        self._chunked = response.headers.get(hdrs.TRANSFER_ENCODING) == "chunked"
+        transport = self._request.transport
+        assert transport is not None
+        self._high_water_bytes = transport.get_write_buffer_limits()[1]
+        if first:
+            await response.write(first)
+
+    def send(self, chunk: bytes) -> bool:
+        transport = self._request.transport
+        if transport is None or transport.is_closing():
             self.client_left = True
             return False
         transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if self._chunked else chunk)
         return transport.get_write_buffer_size() <= self._high_water_bytes
+
+    async def drain(self) -> None:
+        await self._request.writer.drain()
+
+    async def end_stream(self) -> None:
+        assert self.response is not None
+        await self.response.write_eof()
+
+    def abort(self) -> None:
+        _abort(self._request)
 
 
 def _stream_usage(app: web.Application, meter: SseMeter) -> Usage | None:

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 
+import orjson
 import structlog
 from aiohttp import web
 
+from proxy import handlers
 from proxy.appkeys import EXCHANGE, METRICS
 from proxy.errors import Refusal, error_body
 from proxy.exchange import Exchange, new_request_id
+from proxy.front import LeanCall
 from proxy.logs import request_line
+from proxy.metrics import Metrics
 from proxy.store.base import StoreUnavailable
 
 log = structlog.get_logger("proxy.request")
@@ -30,11 +35,7 @@ HTTP_ERROR_TYPES = {
 
 @web.middleware
 async def exchange_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    ex = Exchange(
-        request_id=new_request_id(time.time_ns() // 1_000_000), started_s=time.perf_counter()
-    )
-    request[EXCHANGE] = ex
-    structlog.contextvars.bind_contextvars(request_id=ex.request_id)
+    ex = request[EXCHANGE] = open_exchange()
     status = 500
     try:
         response = await handler(request)
@@ -42,60 +43,106 @@ async def exchange_middleware(request: web.Request, handler: Handler) -> web.Str
         if ex.outcome == "unknown":
             ex.outcome = "ok" if status < 400 else "error"
         return response
-    except Refusal as refusal:
-        ex.outcome = refusal.outcome
-        status = refusal.status
-        headers = refusal.headers
-        if status < 500:  # the proxy's own 4xx: retrying the same request cannot help, and
-            headers = {"x-should-retry": "false", **headers}  # Claude Code retries a 401 for 3 min
-        return _error_response(ex, refusal.status, refusal.body(), headers)
-    except StoreUnavailable as exc:
+    except Exception as exc:
+        status, body, headers = failure(ex, exc, request.method, request.path)
+        return web.json_response(body, status=status, headers=headers)
+    finally:
+        close_exchange(
+            request.app[METRICS],
+            ex,
+            method=request.method,
+            path=_loggable(request),
+            route=_route(request),
+            status=status,
+        )
+
+
+async def serve_lean(app: web.Application, call: LeanCall) -> None:
+    """The lean front's requests (front.py: POST /v1/messages, HEAD /) in the same frame as the
+    middleware gives aiohttp's."""
+    ex = open_exchange()
+    status = 500
+    try:
+        if call.method == "HEAD":  # HEAD /: Claude Code's pre-connect
+            await call.respond(200, {}, b"")
+        else:
+            await handlers.messages(app, ex, call)
+        status = call.status
+        if ex.outcome == "unknown":
+            ex.outcome = "ok" if status < 400 else "error"
+    except Exception as exc:
+        status, body, headers = failure(ex, exc, call.method, call.path)
+        if call.started:
+            call.abort()
+        else:
+            headers["Content-Type"] = "application/json"
+            with contextlib.suppress(ConnectionResetError):
+                await call.respond(status, headers, orjson.dumps(body))
+    finally:
+        path = call.path
+        close_exchange(app[METRICS], ex, method=call.method, path=path, route=path, status=status)
+
+
+def open_exchange() -> Exchange:
+    """A request's Exchange, its id bound to every log line written while it runs."""
+    ex = Exchange(
+        request_id=new_request_id(time.time_ns() // 1_000_000), started_s=time.perf_counter()
+    )
+    structlog.contextvars.bind_contextvars(request_id=ex.request_id)
+    return ex
+
+
+def failure(
+    ex: Exchange, exc: Exception, method: str, path: str
+) -> tuple[int, dict, dict[str, str]]:
+    """The Anthropic-shaped answer to a request that raised (status, body, headers); called in
+    the `except` block, so that an unexpected error is logged with its traceback."""
+    headers = {"request-id": ex.request_id}
+    if isinstance(exc, Refusal):
+        ex.outcome = exc.outcome
+        if exc.status < 500:  # the proxy's own 4xx: retrying the same request cannot help, and
+            headers["x-should-retry"] = "false"  # Claude Code retries a 401 for 3 min
+        return exc.status, exc.body(), {**headers, **exc.headers}
+    if isinstance(exc, StoreUnavailable):
         ex.outcome = "store_unavailable"
-        status = 503
         log.warning("store_unavailable", reason=str(exc))
         body = error_body(
             "api_error",
             "The proxy cannot reach its usage store right now, so it cannot meter this "
             "request; nothing was charged. Try again in a moment.",
         )
-        return _error_response(ex, 503, body, {})
-    except web.HTTPException as exc:
+        return 503, body, headers
+    if isinstance(exc, web.HTTPException):
         ex.outcome = "rejected"
-        status = exc.status
         error_type = HTTP_ERROR_TYPES.get(exc.status, "api_error")
-        message = _http_message(exc, request)
-        return _error_response(ex, exc.status, error_body(error_type, message), {})
-    except Exception:
-        ex.outcome = "proxy_error"
-        log.exception("unhandled_error")
-        body = error_body("api_error", "The proxy failed to handle this request.")
-        return _error_response(ex, 500, body, {})
-    finally:
-        duration_ms = (time.perf_counter() - ex.started_s) * 1000
-        log.info(
-            "request",
-            duration_ms=round(duration_ms, 2),
-            **request_line(ex, method=request.method, path=_loggable(request), status=status),
-        )
-        request.app[METRICS].observe(
-            ex, route=_route(request), status=status, duration_s=duration_ms / 1000
-        )
-        structlog.contextvars.unbind_contextvars("request_id")
+        body = error_body(error_type, _http_message(exc, method, path))
+        return exc.status, body, headers
+    ex.outcome = "proxy_error"
+    log.exception("unhandled_error")
+    return 500, error_body("api_error", "The proxy failed to handle this request."), headers
 
 
-def _error_response(ex: Exchange, status: int, body: dict, headers: dict[str, str]) -> web.Response:
-    response = web.json_response(body, status=status, headers=headers)
-    response.headers["request-id"] = ex.request_id
-    return response
+def close_exchange(
+    metrics: Metrics, ex: Exchange, *, method: str, path: str, route: str, status: int
+) -> None:
+    """The request's one log line and its metrics, once it has been answered."""
+    duration_ms = (time.perf_counter() - ex.started_s) * 1000
+    log.info(
+        "request",
+        duration_ms=round(duration_ms, 2),
+        **request_line(ex, method=method, path=path, status=status),
+    )
+    metrics.observe(ex, route=route, status=status, duration_s=duration_ms / 1000)
+    structlog.contextvars.unbind_contextvars("request_id")
 
 
-def _http_message(exc: web.HTTPException, request: web.Request) -> str:
+def _http_message(exc: web.HTTPException, method: str, path: str) -> str:
     if exc.status == 413:
         return "The request body is larger than this proxy accepts (server.max_body_mb)."
     if exc.status == 404:
-        return f"No route for {request.method} {request.path} on this proxy."
+        return f"No route for {method} {path} on this proxy."
     if exc.status == 405:
-        return f"Method {request.method} is not allowed for {request.path}."
+        return f"Method {method} is not allowed for {path}."
     return exc.reason
 
 

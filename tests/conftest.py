@@ -22,7 +22,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from proxy.app import create_app
+from proxy.app import create_app, front_runner
 from proxy.appkeys import STORE, TASKS
 from proxy.billing import PaymentProvider
 from proxy.clock import FakeClock
@@ -260,10 +260,16 @@ async def upstream(aiohttp_server: Callable[..., TestServer]) -> TestServer:
     return await aiohttp_server(create_mock_app(api_key=UPSTREAM_KEY))
 
 
+class ProxyServer(TestServer):
+    """aiohttp's TestServer, serving the app as `usage-proxy serve` does: through the lean
+    front (front.py) for /v1/messages."""
+
+    async def _make_runner(self, **kwargs: object) -> web.AppRunner:
+        return front_runner(self.app, **kwargs)
+
+
 @pytest.fixture
-async def start_proxy(
-    aiohttp_server, config: ConfigFactory, clock: FakeClock, upstream: TestServer
-):
+async def start_proxy(config: ConfigFactory, clock: FakeClock, upstream: TestServer):
     """Start the real app (create_app) against the mock upstream; returns the TestServer.
 
     After the test, the ledger invariant must hold: every balance and month-to-date figure
@@ -273,13 +279,16 @@ async def start_proxy(
     async def start(*, payments: PaymentProvider | None = None, **kwargs: object) -> TestServer:
         kwargs.setdefault("upstream_url", str(upstream.make_url("")).rstrip("/"))
         app: web.Application = create_app(config.settings(**kwargs), clock=clock, payments=payments)
-        started.append(await aiohttp_server(app))  # test servers cancel handlers of gone clients
-        return started[-1]
+        server = ProxyServer(app)
+        started.append(server)
+        await server.start_server()  # test servers cancel handlers of gone clients
+        return server
 
     yield start
     for server in started:
         await asyncio.sleep(0.05)  # settlements run just after the response
         verification = await server.app[STORE].verify(clock.now_s())
+        await server.close()
         assert verification.mismatches == (), verification.mismatches
 
 
