@@ -220,19 +220,11 @@ class LeanConnection(asyncio.Protocol):
         )
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self._front.max_body_bytes:
-            self._refuse_too_large(headers)
+            self._refuse_too_large(self._new_call(headers))
             return
         if headers.get("expect", "").lower() == "100-continue":
             self._write(CONTINUE_100)
-        http11 = self._parser.get_http_version() == "1.1"
-        self._call = LeanCall(
-            self,
-            self._parser.get_method().decode("ascii"),
-            self._url.decode("utf-8", "surrogateescape"),
-            CIMultiDictProxy(headers),
-            keep_alive=self._parser.should_keep_alive() and http11,  # 1.0: one request
-            http11=http11,
-        )
+        self._call = self._new_call(headers)
 
     def on_body(self, body: bytes) -> None:
         if self._ignoring:
@@ -240,7 +232,7 @@ class LeanConnection(asyncio.Protocol):
         self._body += body
         if len(self._body) > self._front.max_body_bytes:
             assert self._call is not None
-            self._refuse_too_large(self._call.headers)
+            self._refuse_too_large(self._call)
 
     def on_message_complete(self) -> None:
         if self._ignoring:
@@ -281,20 +273,25 @@ class LeanConnection(asyncio.Protocol):
                     400, "The request could not be read: not valid HTTP/1.1, or a head over 64 KB."
                 )
 
-    def _refuse_too_large(self, headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> None:
+    def _refuse_too_large(self, call: LeanCall) -> None:
         """Answer a body over the limit now (its handler raises the 413 when it reads it); what
         follows is read and dropped until the request ends, then the connection closes."""
         self._ignoring = self._close_after = True
-        call = LeanCall(
+        call.keep_alive = False
+        call.too_large_bytes = self._front.max_body_bytes
+        self._start(call)
+
+    def _new_call(self, headers: CIMultiDict[str]) -> LeanCall:
+        """The request whose head the parser has just read."""
+        http11 = self._parser.get_http_version() == "1.1"
+        return LeanCall(
             self,
             self._parser.get_method().decode("ascii"),
             self._url.decode("utf-8", "surrogateescape"),
-            CIMultiDictProxy(CIMultiDict(headers)),
-            keep_alive=False,
-            http11=self._parser.get_http_version() == "1.1",
+            CIMultiDictProxy(headers),
+            keep_alive=self._parser.should_keep_alive() and http11,  # 1.0: one request
+            http11=http11,
         )
-        call.too_large_bytes = self._front.max_body_bytes
-        self._start(call)
 
     def _start(self, call: LeanCall) -> None:
         self._call = call
