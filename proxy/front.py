@@ -13,7 +13,9 @@ How a connection is shared:
   that request's first byte on, to aiohttp's protocol for good, which serves every route,
   /v1/messages included (through `handlers.AioCall`).
 - One request at a time. Bytes that arrive while a request is served are kept (reading pauses
-  past PIPELINE_MAX_BYTES) and read once it has been answered. A request that came in the same
+  past PIPELINE_MAX_BYTES) and read once it has been answered and its answer has left our
+  buffers for the kernel's (`resume_writing`): a client that does not read cannot make us
+  hold more than one answer. A request that came in the same
   read as the one before it (a pipelining client's; SDKs and Claude Code never do) is not
   answered: the connection closes after the answer before it, and the client may retry.
 - Bodies: at most server.max_body_mb, else 413 (before any reservation) and the connection
@@ -139,6 +141,7 @@ class LeanConnection(asyncio.Protocol):
         self._idle_timer: asyncio.TimerHandle | None = None
         self._drained: asyncio.Future[None] | None = None
         self.writing_paused = False
+        self._next_when_drained = False
         self._url = b""
         self._head_bytes = 0
         self._headers: list[tuple[bytes, bytes]] = []
@@ -160,7 +163,7 @@ class LeanConnection(asyncio.Protocol):
             self._feed(data)
         else:
             self._raw += data
-            if self.task is None:
+            if self.task is None and not self._next_when_drained:
                 self._next()
             elif len(self._raw) > PIPELINE_MAX_BYTES and not self._reading_paused:
                 self._pause_reading()
@@ -185,6 +188,9 @@ class LeanConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.writing_paused = False
         self._wake_drain(None)
+        if self._next_when_drained:
+            self._next_when_drained = False
+            self._answered_and_drained()
 
     # -- httptools' callbacks
 
@@ -313,6 +319,15 @@ class LeanConnection(asyncio.Protocol):
             if self.transport.can_write_eof():
                 self.transport.write_eof()
             self._arm_idle()
+            return
+        if self.writing_paused:  # the client has not read the last answer: wait for it
+            self._next_when_drained = True
+            return
+        self._answered_and_drained()
+
+    def _answered_and_drained(self) -> None:
+        """The next request, once the last answer has left our buffers for the kernel's."""
+        if self.transport is None:
             return
         if self._reading_paused:
             self._reading_paused = False

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 
 from aiohttp.test_utils import TestServer
-from conftest import ALICE_KEY, settled
+from conftest import ALICE_KEY, BOB_KEY, settled
 
 from proxy.appkeys import STORE
 
@@ -22,9 +23,9 @@ BODY = json.dumps(
 ).encode()
 
 
-def post(body: bytes = BODY, *, extra: str = "", path: str = "/v1/messages") -> bytes:
+def post(body: bytes = BODY, *, extra: str = "", key: str = ALICE_KEY) -> bytes:
     return (
-        f"POST {path} HTTP/1.1\r\nHost: proxy\r\nx-api-key: {ALICE_KEY}\r\n"
+        f"POST /v1/messages HTTP/1.1\r\nHost: proxy\r\nx-api-key: {key}\r\n"
         f"Content-Type: application/json\r\n{extra}Content-Length: {len(body)}\r\n\r\n"
     ).encode() + body
 
@@ -222,3 +223,30 @@ async def test_a_request_that_stops_halfway_is_closed_like_an_idle_connection(
     assert await asyncio.wait_for(reader.read(), 5) == b""
     writer.close()
     assert held(proxy) == (0, 0)
+
+
+async def test_the_next_request_waits_until_the_client_has_read_the_last_answer(
+    proxy: TestServer,
+) -> None:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a client that reads slowly
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (proxy.host, proxy.port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=4096)  # reads no more
+    large = {**json.loads(BODY), "model": "claude-haiku-4-5", "max_tokens": 4_000_000}
+    writer.write(post(json.dumps(large).encode(), extra="x-mock-output-tokens: 4000000\r\n"))
+    store = proxy.app[STORE]
+    for _ in range(100):  # answered: most of its 24 MB wait in the proxy's buffers
+        if any(r.status == "posted" for r in await store.recent_requests(5)):
+            break
+        await asyncio.sleep(0.05)
+    writer.write(post(key=BOB_KEY))  # alice's session quota is spent now
+    await writer.drain()
+    await asyncio.sleep(0.3)
+    assert len(await store.recent_requests(5)) == 1  # the second is not even admitted yet
+    status, _, body = await read_response(reader)
+    assert status == 200 and len(body) > 20_000_000
+    status, _, body = await read_response(reader)
+    assert status == 200 and json.loads(body)["type"] == "message"
+    writer.close()
+    assert len(await settled(proxy, 2)) == 2
