@@ -20,6 +20,8 @@ def refuses_connections(port: int) -> bool:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
     except ConnectionRefusedError:
         return True
+    except ConnectionResetError:  # queued as the listening socket closed: the kernel reset it
+        return True
     return False
 
 
