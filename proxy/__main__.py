@@ -306,11 +306,11 @@ def _serve(args: argparse.Namespace) -> int:
         load_orgs(
             settings.orgs_file, settings.plans
         )  # fail fast, with file and key, before binding
-    _run(create_app(settings), server, lambda _: print(f"usage-proxy on {server.public_url}"))
+    _run(create_app(settings), server, lambda: print(f"usage-proxy on {server.public_url}"))
     return 0
 
 
-def _run(app: web.Application, server: ServerSettings, banner: Callable[[str], None]) -> None:
+def _run(app: web.Application, server: ServerSettings, banner: Callable[[], None]) -> None:
     """Serve until SIGINT or SIGTERM, then stop accepting and let running requests end within
     `server.shutdown_grace_s` (what aiohttp's run_app does, with the lean front: front.py)."""
     app.on_startup.append(_freeze_startup_heap)  # after the cleanup contexts have started
@@ -326,7 +326,7 @@ def _run(app: web.Application, server: ServerSettings, banner: Callable[[str], N
         try:
             await runner.setup()
             await web.TCPSite(runner, server.host, server.port).start()
-            banner(f"http://{server.host}:{server.port}")
+            banner()
             await asyncio.Event().wait()
         finally:
             await runner.cleanup()
@@ -385,7 +385,7 @@ def _serve_demo(settings: Settings, config_path: Path) -> int:
 
     app.cleanup_ctx.insert(0, mock_ctx)
 
-    def banner(_: str) -> None:
+    def banner() -> None:
         print(f"usage-proxy demo on {public_url} (mock upstream {mock_url}; nothing real is spent)")
         print(f"store: {settings.store.url}")
         # demo-orgs.toml holds its keys in the clear on purpose: print them for the try-out

@@ -35,8 +35,11 @@ from http import HTTPStatus
 from typing import Any
 
 import httptools
+import orjson
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.errors import error_body
 
 LEAN_STARTS = (b"POST /v1/messages ", b"POST /v1/messages?", b"HEAD / ")
 SNIFF_BYTES = max(len(start) for start in LEAN_STARTS)
@@ -195,8 +198,8 @@ class LeanConnection(asyncio.Protocol):
     # -- httptools' callbacks
 
     def on_message_begin(self) -> None:
-        if self.task is not None or self._call is not None:
-            self._ignoring = self._close_after = True  # pipelined in one read: not answered
+        if self._call is not None:  # a request is being read or answered: this one was
+            self._ignoring = self._close_after = True  # pipelined in its read: not answered
             return
         self._in_request = True
         self._url, self._headers, self._body = b"", [], bytearray()
@@ -383,9 +386,7 @@ class LeanConnection(asyncio.Protocol):
         self.transport.write(data)
 
     def _write_error(self, status: int, message: str) -> None:
-        body = b'{"type":"error","error":{"type":"invalid_request_error","message":"%s"}}' % (
-            message.encode()
-        )
+        body = orjson.dumps(error_body("invalid_request_error", message))
         head = f"HTTP/1.1 {status} {REASONS[status]}\r\nContent-Type: application/json\r\n"
         head += f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
         if self.transport is not None and not self.transport.is_closing():
@@ -424,7 +425,6 @@ class LeanCall:
         "keep_alive",
         "method",
         "path_qs",
-        "started",
         "status",
         "too_large_bytes",
     )
@@ -447,13 +447,17 @@ class LeanCall:
         self.http11 = http11
         self.body = b""
         self.too_large_bytes: int | None = None
-        self.started = False
         self.status = 0
         self._chunked = False
 
     @property
     def path(self) -> str:
         return self.path_qs.partition("?")[0]
+
+    @property
+    def started(self) -> bool:
+        """The answer's head has been written."""
+        return self.status != 0
 
     @property
     def client_left(self) -> bool:
@@ -468,15 +472,15 @@ class LeanCall:
         return self.body
 
     async def respond(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
-        self.status, self.started = status, True
+        self.status = status
         self._conn._write(self._head(status, headers, f"Content-Length: {len(body)}") + body)
 
     async def start_stream(self, status: int, headers: Mapping[str, str], first: bytes) -> None:
-        self.status, self.started = status, True
+        self.status = status
         if self.http11:
             self._chunked = True
             head = self._head(status, headers, "Transfer-Encoding: chunked")
-            self._conn._write(head + (_chunk(first) if first else b""))
+            self._conn._write(head + (chunk_frame(first) if first else b""))
         else:  # HTTP/1.0: no chunks; the body ends when the connection closes
             self.keep_alive = False
             self._conn._write(self._head(status, headers, None) + first)
@@ -486,7 +490,7 @@ class LeanCall:
         transport = conn.transport
         if transport is None or transport.is_closing():
             return False
-        transport.write(_chunk(chunk) if self._chunked else chunk)
+        transport.write(chunk_frame(chunk) if self._chunked else chunk)
         return not conn.writing_paused
 
     async def drain(self) -> None:
@@ -513,5 +517,6 @@ class LeanCall:
         return "\r\n".join(lines).encode("utf-8", "surrogateescape")
 
 
-def _chunk(data: bytes) -> bytes:
+def chunk_frame(data: bytes) -> bytes:
+    """One chunk of a `Transfer-Encoding: chunked` body."""
     return b"%x\r\n%b\r\n" % (len(data), data)

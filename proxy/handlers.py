@@ -26,6 +26,7 @@ from proxy.appkeys import (
 from proxy.auth import key_from_headers
 from proxy.errors import Refusal, bad_request, unauthenticated
 from proxy.exchange import Exchange
+from proxy.front import chunk_frame
 from proxy.http1 import Response, UpstreamError
 from proxy.ledger import (
     BALANCE,
@@ -478,7 +479,7 @@ class AioCall:
         if transport is None or transport.is_closing():
             self.client_left = True
             return False
-        transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if self._chunked else chunk)
+        transport.write(chunk_frame(chunk) if self._chunked else chunk)
         return transport.get_write_buffer_size() <= self._high_water_bytes
 
     async def drain(self) -> None:
