@@ -1,7 +1,8 @@
 """`usage-proxy bench`: the proxy's own overhead on this machine, against the mock upstream.
 
-Each part runs in its own process, on free loopback ports: the mock upstream (no artificial
-delay unless a request scripts one), a bare pass-through (below: aiohttp, streaming relay chunk
+Each part runs in its own process, on free loopback ports: the mock upstream (bench_mock.py: the
+mock's answers on a lean server, no artificial delay unless a request scripts one), a bare
+pass-through (below: aiohttp, streaming relay chunk
 by chunk, no auth, no accounting), the real proxy (`usage-proxy serve` with a generated config:
 a fresh SQLite store or `--store`, members with ample quota and extra usage) and the load
 generator (the proxy's own HTTP/1.1 client, http1.py, at a fixed concurrency). The same requests go to the mock
@@ -48,8 +49,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from proxy.bench_mock import BenchMock
 from proxy.http1 import Client, UpstreamError
-from proxy.mock_upstream import create_mock_app
 from proxy.upstream import HOP_BY_HOP
 
 BENCH_VERSION = 1
@@ -539,17 +540,20 @@ def _serve_main(
     """A spawned process: serve the mock or the bare pass-through until terminated."""
     if cpus:
         os.sched_setaffinity(0, cpus)
-    if role == "mock":
-        app = create_mock_app(api_key=upstream_key)
-    else:
-        app = create_bare_app(upstream_url, connections_max=connections_max)
 
     async def serve() -> None:
-        runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0, backlog=4096)
-        await site.start()
-        conn.send(runner.addresses[0][1])
+        if role == "mock":
+            server = await asyncio.get_running_loop().create_server(
+                lambda: BenchMock(upstream_key), "127.0.0.1", 0, backlog=4096
+            )
+            conn.send(server.sockets[0].getsockname()[1])
+        else:
+            app = create_bare_app(upstream_url, connections_max=connections_max)
+            runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0, backlog=4096)
+            await site.start()
+            conn.send(runner.addresses[0][1])
         await asyncio.Event().wait()  # until terminated
 
     with asyncio.Runner(loop_factory=_loop_factory(use_uvloop)) as runner:

@@ -13,7 +13,7 @@ import secrets
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiohttp import web
 
@@ -61,6 +61,7 @@ RATELIMIT_HEADERS = {
     "anthropic-ratelimit-output-tokens-limit": "400000",
     "anthropic-ratelimit-output-tokens-remaining": "400000",
 }
+SSE_HEADERS = {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"}
 CLIENT_GONE_POLL_S = 0.05
 _ID_ALPHABET = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 # random bytes -> id characters in one translate (a quarter of the mock's CPU went to ids made
@@ -162,12 +163,22 @@ def _header_count(headers: Mapping[str, str], name: str) -> int | None:
     return count
 
 
+class SseEvents(NamedTuple):
+    """A streamed answer's events: message_start, content_block_start and ping; one
+    content_block_delta per text part; content_block_stop, message_delta and message_stop."""
+
+    opening: tuple[bytes, ...]
+    deltas: tuple[bytes, ...]
+    closing: tuple[bytes, ...]
+
+
 @dataclass(frozen=True, slots=True)
 class Reply:
     """One answer to POST /v1/messages, before it is shaped as JSON or as a stream."""
 
     message_id: str
     model: str
+    stream: bool
     text_parts: list[str]  # the answer's text, one part per stream delta
     stop_reason: str
     input_tokens: int
@@ -199,6 +210,53 @@ class Reply:
             if script.speed is not None:
                 usage["speed"] = script.speed
         return usage
+
+    def sse_events(self) -> SseEvents:
+        """The events of a streamed answer, each an SSE event's bytes."""
+        start = {
+            "id": self.message_id,
+            "type": "message",
+            "role": "assistant",
+            "model": self.model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": self.usage(output_tokens=min(1, self.output_tokens)),
+        }
+        block = {"type": "text", "text": ""}
+        return SseEvents(
+            opening=(
+                _sse("message_start", {"type": "message_start", "message": start}),
+                _sse(
+                    "content_block_start",
+                    {"type": "content_block_start", "index": 0, "content_block": block},
+                ),
+                _sse("ping", {"type": "ping"}),
+            ),
+            deltas=tuple(
+                _sse(
+                    "content_block_delta",
+                    {
+                        "type": "content_block_delta",
+                        "index": 0,
+                        "delta": {"type": "text_delta", "text": text},
+                    },
+                )
+                for text in self.text_parts
+            ),
+            closing=(
+                _sse("content_block_stop", {"type": "content_block_stop", "index": 0}),
+                _sse(
+                    "message_delta",
+                    {
+                        "type": "message_delta",
+                        "delta": {"stop_reason": self.stop_reason, "stop_sequence": None},
+                        "usage": self.usage(output_tokens=self.output_tokens, breakdown=False),
+                    },
+                ),
+                _sse("message_stop", {"type": "message_stop"}),
+            ),
+        )
 
     def message(self) -> dict[str, Any]:
         """The non-streaming response body."""
@@ -241,7 +299,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 @web.middleware
 async def _mock_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id, recording, the key check, and 400s for malformed requests."""
-    request[REQUEST_ID_KEY] = "req_011C" + _random_id(20)
+    request[REQUEST_ID_KEY] = new_request_id()
     state = request.app[MOCK_STATE_KEY]
     state.requests_total += 1
     state.recent.append(
@@ -271,7 +329,7 @@ def _key(request: web.Request) -> str | None:
 
 
 async def _add_upstream_headers(request: web.Request, response: web.StreamResponse) -> None:
-    request_id = request.get(REQUEST_ID_KEY) or "req_011C" + _random_id(20)
+    request_id = request.get(REQUEST_ID_KEY) or new_request_id()
     response.headers.setdefault("request-id", request_id)
     response.headers.update(RATELIMIT_HEADERS)
 
@@ -279,28 +337,41 @@ async def _add_upstream_headers(request: web.Request, response: web.StreamRespon
 async def _messages(request: web.Request) -> web.StreamResponse:
     """POST /v1/messages, non-streaming or streaming."""
     script = Script.from_headers(request.headers, fast=request.app[MOCK_CONFIG_KEY].fast)
-    payload = _json_object(await request.read())
-    model = _required_model(payload)
-    max_tokens = payload.get("max_tokens")
-    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-        raise MockRequestInvalid("max_tokens: Field required (an integer of at least 1)")
+    reply = reply_to(json_object(await request.read()), script)
     request.app[MOCK_STATE_KEY].messages_total += 1
-    stream = payload.get("stream") is True
-    if script.fail in ("529", "500") or (script.fail == "error-event" and not stream):
+    if script.fail in ("529", "500") or (script.fail == "error-event" and not reply.stream):
         await _delay(script)
         return _failure(request, script.fail, script.retry_after)
     if script.fail == "hang":  # no response head at all, until the client gives up
         await _until_client_gone(request)
         request.app[MOCK_STATE_KEY].clients_gone += 1
         return web.Response(status=504)  # never reaches the client
+    try:
+        if reply.stream:
+            return await _stream(request, reply)
+        return await _answer(request, reply)
+    except asyncio.CancelledError:  # servers run with handler_cancellation (aiohttp's tests do)
+        if _client_gone(request):
+            request.app[MOCK_STATE_KEY].clients_gone += 1
+        raise
+
+
+def reply_to(payload: dict[str, Any], script: Script) -> Reply:
+    """The answer to a Messages request's JSON object; raises MockRequestInvalid."""
+    model = _required_model(payload)
+    max_tokens = payload.get("max_tokens")
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise MockRequestInvalid("max_tokens: Field required (an integer of at least 1)")
+    stream = payload.get("stream") is True
     # like the real API, never more output than max_tokens
     output_tokens = min(
         max_tokens,
         script.output_tokens if script.output_tokens is not None else OUTPUT_TOKENS_DEFAULT,
     )
-    reply = Reply(
+    return Reply(
         message_id="msg_01" + _random_id(22),
         model=model,
+        stream=stream,
         text_parts=_split_words(output_tokens, script.deltas if stream else 1),
         stop_reason="max_tokens" if output_tokens >= max_tokens else "end_turn",
         input_tokens=(
@@ -309,14 +380,6 @@ async def _messages(request: web.Request) -> web.StreamResponse:
         output_tokens=output_tokens,
         script=script,
     )
-    try:
-        if stream:
-            return await _stream(request, reply)
-        return await _answer(request, reply)
-    except asyncio.CancelledError:  # servers run with handler_cancellation (aiohttp's tests do)
-        if _client_gone(request):
-            request.app[MOCK_STATE_KEY].clients_gone += 1
-        raise
 
 
 async def _answer(request: web.Request, reply: Reply) -> web.StreamResponse:
@@ -330,7 +393,7 @@ async def _answer(request: web.Request, reply: Reply) -> web.StreamResponse:
     if script.fail == "reset":
         _abort(request)
         return web.Response(status=502)  # never reaches the client
-    body = _dumps(reply.message())
+    body = dumps(reply.message())
     if script.fail != "cut-stream":
         return web.Response(body=body, content_type="application/json")
     response = web.StreamResponse(headers={"content-type": "application/json"})
@@ -345,59 +408,31 @@ async def _stream(request: web.Request, reply: Reply) -> web.StreamResponse:
     """The SSE event sequence of a streaming answer, each event written as it is due."""
     state = request.app[MOCK_STATE_KEY]
     script = reply.script
-    response = web.StreamResponse(
-        headers={"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"}
-    )
+    response = web.StreamResponse(headers=dict(SSE_HEADERS))
     await response.prepare(request)
 
-    async def send(event: str, data: dict[str, Any], *, delayed: bool = True) -> None:
+    async def send(chunk: bytes, *, delayed: bool = True) -> None:
         if delayed:
             await _delay(script)
-        chunk = _sse(event, data)
         await response.write(chunk)
         state.stream_bytes_sent += len(chunk)
 
-    start = {
-        "id": reply.message_id,
-        "type": "message",
-        "role": "assistant",
-        "model": reply.model,
-        "content": [],
-        "stop_reason": None,
-        "stop_sequence": None,
-        "usage": reply.usage(output_tokens=min(1, reply.output_tokens)),
-    }
-    parts = reply.text_parts
-    fault_at = (len(parts) + 1) // 2 if script.fail is not None else None
+    events = reply.sse_events()
+    fault_at = (len(events.deltas) + 1) // 2 if script.fail is not None else None
     try:
-        await send("message_start", {"type": "message_start", "message": start}, delayed=False)
-        block = {"type": "text", "text": ""}
-        await send(
-            "content_block_start",
-            {"type": "content_block_start", "index": 0, "content_block": block},
-        )
-        await send("ping", {"type": "ping"})
-        for index, text in enumerate(parts):
+        await send(events.opening[0], delayed=False)
+        for chunk in events.opening[1:]:
+            await send(chunk)
+        for index, chunk in enumerate(events.deltas):
             if index == fault_at and script.fail == "malformed-sse":
                 await response.write(MALFORMED_SSE)
             elif index == fault_at:
                 break
-            delta = {"type": "text_delta", "text": text}
-            await send(
-                "content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta}
-            )
+            await send(chunk)
         if fault_at is not None and script.fail != "malformed-sse":
             return await _stream_fault(request, response, script)
-        await send("content_block_stop", {"type": "content_block_stop", "index": 0})
-        await send(
-            "message_delta",
-            {
-                "type": "message_delta",
-                "delta": {"stop_reason": reply.stop_reason, "stop_sequence": None},
-                "usage": reply.usage(output_tokens=reply.output_tokens, breakdown=False),
-            },
-        )
-        await send("message_stop", {"type": "message_stop"})
+        for chunk in events.closing:
+            await send(chunk)
     except ConnectionResetError:  # aiohttp's ClientConnectionResetError too
         state.clients_gone += 1
         return response
@@ -428,7 +463,7 @@ async def _stream_fault(
 async def _count_tokens(request: web.Request) -> web.StreamResponse:
     """POST /v1/messages/count_tokens: the same count as a Messages request's input_tokens."""
     script = Script.from_headers(request.headers, fast=request.app[MOCK_CONFIG_KEY].fast)
-    payload = _json_object(await request.read())
+    payload = json_object(await request.read())
     _required_model(payload)
     if script.fail in ("529", "500"):
         return _failure(request, script.fail, script.retry_after)
@@ -529,11 +564,11 @@ def _error(
     body = error_body(error_type, message)
     body["request_id"] = request[REQUEST_ID_KEY]
     return web.Response(
-        status=status, body=_dumps(body), content_type="application/json", headers=headers
+        status=status, body=dumps(body), content_type="application/json", headers=headers
     )
 
 
-def _json_object(body: bytes) -> dict[str, Any]:
+def json_object(body: bytes) -> dict[str, Any]:
     try:
         payload = json.loads(body)
     except (ValueError, RecursionError):
@@ -624,8 +659,13 @@ def _dumps_str(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
-def _dumps(value: Any) -> bytes:
+def dumps(value: Any) -> bytes:
     return _dumps_str(value).encode()
+
+
+def new_request_id() -> str:
+    """A `request-id` header's value, shaped like the real API's."""
+    return "req_011C" + _random_id(20)
 
 
 def _random_id(length: int) -> str:
