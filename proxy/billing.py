@@ -9,7 +9,7 @@ from typing import Protocol
 
 import structlog
 
-from proxy.alerts import Alert, Alerts, Webhook, usage_alerts
+from proxy.alerts import Alert, Alerts, Webhook, crossed_thresholds, usage_alerts
 from proxy.clock import Clock
 from proxy.continuation import ContinueLinks
 from proxy.exchange import Exchange
@@ -233,17 +233,21 @@ def settlement_alerts(
     split = settled.split
     session = settled.windows_before.get(SESSION)
     if session is not None:
-        alerts += usage_alerts(
-            org_id=settled.org_id,
-            member_email=settled.member_email,
-            kind="session",
-            period=rfc3339(session.started_at_s),
-            used_before_nanos=session.used_nanos,
-            used_after_nanos=session.used_nanos + split.included_nanos + split.overrun_nanos,
-            limit_nanos=session.limit_nanos,
-            at_s=at_s,
-            thresholds_pct=thresholds_pct,
-        )
+        after_nanos = session.used_nanos + split.included_nanos + split.overrun_nanos
+        limit_nanos = session.limit_nanos
+        # the window's start is formatted only when a threshold was crossed (2 us a request)
+        if crossed_thresholds(session.used_nanos, after_nanos, limit_nanos, thresholds_pct):
+            alerts += usage_alerts(
+                org_id=settled.org_id,
+                member_email=settled.member_email,
+                kind="session",
+                period=rfc3339(session.started_at_s),
+                used_before_nanos=session.used_nanos,
+                used_after_nanos=after_nanos,
+                limit_nanos=limit_nanos,
+                at_s=at_s,
+                thresholds_pct=thresholds_pct,
+            )
     funds = settled.funds_before
     if funds is None or not split.extra_nanos:
         return alerts
