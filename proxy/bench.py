@@ -1229,6 +1229,10 @@ class Bench:
                 "cpu_ms_per_stream": _round(
                     used_s[target.name] * 1000 / max(1, result.requests), 3
                 ),
+                # how busy it kept its core: near 100, a first byte queues behind the deltas
+                "cpu_pct": _round(
+                    100 * used_s[target.name] / result.wall_s if result.wall_s else 0, 1
+                ),
             }
         direct = section["direct"]
         for name in ("bare", "proxy"):
@@ -1932,21 +1936,25 @@ def render_table(report: dict[str, Any]) -> str:
         f"streaming, {st['deltas']} deltas {st['delta_interval_ms']} ms apart, concurrency "
         f"{st['concurrency']}, {st['streams']} streams each in {st['rounds']} rounds",
         f"  {'':<16}{'TTFB p50':>10}{'TTFB p99':>10}{'last p50':>10}{'last p99':>10}"
-        f"{'reads':>7}{'CPU ms':>9}",
+        f"{'reads':>7}{'CPU ms':>9}{'busy':>7}",
     ]
     d = st["direct"]
     lines.append(
         f"  {'direct':<16}{d['ttfb_ms_p50']:>10.2f}{d['ttfb_ms_p99']:>10.2f}"
         f"{d['ttlb_ms_p50']:>10.2f}{d['ttlb_ms_p99']:>10.2f}{d['reads_per_stream_p50']:>7}"
-        f"{d['cpu_ms_per_stream']:>9.3f}"
+        f"{d['cpu_ms_per_stream']:>9.3f}{d['cpu_pct']:>6.0f}%"
     )
     for name in ("bare", "proxy"):
         lines.append(
             f"  {name + ' added':<16}{st[f'{name}_added_ttfb_ms_p50']:>10.2f}"
             f"{st[f'{name}_added_ttfb_ms_p99']:>10.2f}{st[f'{name}_added_ttlb_ms_p50']:>10.2f}"
             f"{st[f'{name}_added_ttlb_ms_p99']:>10.2f}{st[name]['reads_per_stream_p50']:>7}"
-            f"{st[name]['cpu_ms_per_stream']:>9.3f}"
+            f"{st[name]['cpu_ms_per_stream']:>9.3f}{st[name]['cpu_pct']:>6.0f}%"
         )
+    lines.append(
+        "  (CPU ms: a stream's, of the process measured, direct's the mock's; busy: how much of "
+        "its core it kept busy: near 100%, first bytes queue behind the other streams' deltas)"
+    )
     lines += ["", f"memory, {mem['open_streams']} slow streams open at once"]
     for name in ("bare", "proxy"):
         m = mem[name]

@@ -92,6 +92,8 @@ def test_quick_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         assert (row["requests"], row["ok"]) == (50, 50), row
         assert 0 < row["ttfb_ms_p50"] <= row["ttlb_ms_p50"]
         assert row["reads_per_stream_p50"] >= 1
+        assert row["cpu_pct"] >= 0
+    assert st["proxy"]["cpu_pct"] > 0
     assert isinstance(st["proxy_added_ttfb_ms_p99"], float)
     st["bare_added_ttfb_ms_p99"] = 5.0  # a bare relay past the target says so under the table
     assert "note: the bare pass-through itself added 5.00 ms" in render_table(report)
