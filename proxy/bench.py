@@ -2,12 +2,12 @@
 
 Each part runs in its own process, on free loopback ports: the mock upstream (bench_mock.py: the
 mock's answers on a lean server, no artificial delay unless a request scripts one), a bare
-pass-through (below: aiohttp, streaming relay chunk
-by chunk, no auth, no accounting), the real proxy (`usage-proxy serve` with a generated config:
-a fresh SQLite store or `--store`, members with ample quota and extra usage) and the load
-generator (the proxy's own HTTP/1.1 client, http1.py, at a fixed concurrency). The same requests go to the mock
-directly, through the bare pass-through and through the proxy; the proxy is judged by its ratio
-to the bare pass-through and by what it adds to the direct figures, never by absolute times.
+pass-through (below: aiohttp, streaming relay chunk by chunk, no auth, no accounting), the real
+proxy (`usage-proxy serve` with a generated config: a fresh SQLite store or `--store`, members
+with ample quota and extra usage) and the load generator (the proxy's own HTTP/1.1 client,
+http1.py, at a fixed concurrency). The same requests go to the mock directly, through the bare
+pass-through and through the proxy; the proxy is judged by its ratio to the bare pass-through and
+by what it adds to the direct figures, never by absolute times.
 
 CPU comes from /proc/<pid>/stat (utime + stime, every thread), memory from /proc/<pid>/status
 (VmRSS). Processes are pinned apart with sched_setaffinity when the machine has two cores or more.

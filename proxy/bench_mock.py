@@ -18,7 +18,6 @@ import asyncio
 from collections.abc import Iterator, Mapping
 
 import httptools
-import orjson
 
 from proxy.errors import error_body
 from proxy.front import chunk_frame
@@ -107,12 +106,12 @@ class BenchMock(asyncio.Protocol):
             self._error(400, "invalid_request_error", str(invalid))
             return
         if not reply.stream:
-            self._write_whole(200, dumps(reply.message()))
+            self._write_whole(200, dumps(reply.message()), new_request_id())
             return
         events = reply.sse_events()
         self._events = iter((*events.opening[1:], *events.deltas, *events.closing))
         self._delay_s = script.delay_ms / 1000
-        head = _head(200, _SSE_HEAD + "transfer-encoding: chunked\r\n")
+        head = _head(200, _SSE_HEAD + "transfer-encoding: chunked\r\n", new_request_id())
         self._write(head + chunk_frame(events.opening[0]))
         assert self._transport is not None
         self._transport.pause_reading()  # the next request, once this answer is whole
@@ -132,12 +131,12 @@ class BenchMock(asyncio.Protocol):
 
     def _error(self, status: int, error_type: str, message: str) -> None:
         body = error_body(error_type, message)
-        body["request_id"] = new_request_id()
-        self._write_whole(status, orjson.dumps(body))
+        body["request_id"] = request_id = new_request_id()  # as the header says
+        self._write_whole(status, dumps(body), request_id)
 
-    def _write_whole(self, status: int, body: bytes) -> None:
-        head = _head(status, f"content-type: application/json\r\ncontent-length: {len(body)}\r\n")
-        self._write(head + body)
+    def _write_whole(self, status: int, body: bytes, request_id: str) -> None:
+        length = f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
+        self._write(_head(status, length, request_id) + body)
         self._end()
 
     def _write(self, data: bytes) -> None:
@@ -153,8 +152,8 @@ class BenchMock(asyncio.Protocol):
             self._transport.close()
 
 
-def _head(status: int, headers: str) -> bytes:
+def _head(status: int, headers: str, request_id: str) -> bytes:
     return (
-        f"HTTP/1.1 {status} {_REASONS[status]}\r\nrequest-id: {new_request_id()}\r\n"
+        f"HTTP/1.1 {status} {_REASONS[status]}\r\nrequest-id: {request_id}\r\n"
         f"{_FIXED_HEADERS}{headers}\r\n"
     ).encode("latin-1")
