@@ -19,7 +19,7 @@ from proxy.admin.schemas import (
     read_body,
 )
 from proxy.appkeys import CLOCK, KEYS, SETTINGS, STORE
-from proxy.auth import hash_key, key_prefix, new_key
+from proxy.auth import VISIBLE_PREFIX_CHARS, hash_key, key_prefix, new_key
 from proxy.errors import bad_request
 from proxy.ledger import PREPAID_PLANS
 from proxy.money import format_usd
@@ -207,7 +207,10 @@ async def delete_key(request: web.Request) -> web.Response:
     store = request.app[STORE]
     org_id = await store.key_org(prefix)
     if org_id is None:
-        raise not_found(f"prefix: no single live key starts with {prefix!r}")
+        raise not_found(  # a prefix is matched whole: a longer string is no prefix
+            f"prefix: {prefix!r} is not the prefix of one live key (a key's prefix is its first "
+            f"{VISIBLE_PREFIX_CHARS} characters, as its member's key list shows it)"
+        )
     call.require_org(org_id)
     matched = await store.revoke_key(prefix, request.app[CLOCK].now_s())
     if matched != 1:

@@ -134,6 +134,9 @@ async def test_an_issued_key_works_once_shown_and_stops_at_once_when_revoked(adm
         model="claude-haiku-4-5", max_tokens=16, messages=PROMPT
     )
     assert answer.usage.output_tokens > 0
+    longer = issued["key"][: len(issued["prefix"]) + 2]  # not the prefix: matched whole
+    status, refused = await call(admin, "DELETE", f"/admin/v1/keys/{longer}", CAROL_KEY)
+    assert status == 404 and "its first 12 characters" in refused["error"]["message"]
     assert (await call(admin, "DELETE", f"/admin/v1/keys/{issued['prefix']}", CAROL_KEY))[0] == 200
     with pytest.raises(anthropic.AuthenticationError):
         await sdk(admin, issued["key"]).messages.create(
