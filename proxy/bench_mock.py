@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping
 import httptools
 
 from proxy.errors import error_body
-from proxy.front import chunk_frame
+from proxy.front import REASONS, chunk_frame
 from proxy.mock_upstream import (
     RATELIMIT_HEADERS,
     SSE_HEADERS,
@@ -32,7 +32,6 @@ from proxy.mock_upstream import (
     reply_to,
 )
 
-_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found"}
 _FIXED_HEADERS = "".join(f"{name}: {value}\r\n" for name, value in RATELIMIT_HEADERS.items())
 _SSE_HEAD = "".join(f"{name}: {value}\r\n" for name, value in SSE_HEADERS.items())
 
@@ -154,6 +153,6 @@ class BenchMock(asyncio.Protocol):
 
 def _head(status: int, headers: str, request_id: str) -> bytes:
     return (
-        f"HTTP/1.1 {status} {_REASONS[status]}\r\nrequest-id: {request_id}\r\n"
+        f"HTTP/1.1 {status} {REASONS[status]}\r\nrequest-id: {request_id}\r\n"
         f"{_FIXED_HEADERS}{headers}\r\n"
     ).encode("latin-1")
