@@ -414,7 +414,11 @@ class LeanConnection(asyncio.Protocol):
 
 class LeanCall:
     """`handlers.Call` on a lean connection: the request as read, and its answer written to the
-    connection in one buffer (a stream: its head with the first chunk, then chunk by chunk)."""
+    connection in one buffer (a stream: its head with the first chunk, then chunk by chunk).
+    Every write is a plain call, so a stream's head as well as its chunks can be written from
+    the upstream connection's callback (`heads_from_callbacks`)."""
+
+    heads_from_callbacks = True
 
     __slots__ = (
         "_chunked",
@@ -476,21 +480,27 @@ class LeanCall:
         self._conn._write(self._head(status, headers, f"Content-Length: {len(body)}") + body)
 
     async def start_stream(self, status: int, headers: Mapping[str, str], first: bytes) -> None:
+        if not self.begin_stream(status, headers, first) and self.client_left:
+            raise ConnectionResetError("the client closed the connection")
+
+    def begin_stream(self, status: int, headers: Mapping[str, str], first: bytes) -> bool:
         self.status = status
         if self.http11:
             self._chunked = True
             head = self._head(status, headers, "Transfer-Encoding: chunked")
-            self._conn._write(head + (chunk_frame(first) if first else b""))
-        else:  # HTTP/1.0: no chunks; the body ends when the connection closes
-            self.keep_alive = False
-            self._conn._write(self._head(status, headers, None) + first)
+            return self._send(head + chunk_frame(first) if first else head)
+        self.keep_alive = False  # HTTP/1.0: no chunks; the body ends when the connection closes
+        return self._send(self._head(status, headers, None) + first)
 
     def send(self, chunk: bytes) -> bool:
+        return self._send(chunk_frame(chunk) if self._chunked else chunk)
+
+    def _send(self, data: bytes) -> bool:
         conn = self._conn
         transport = conn.transport
         if transport is None or transport.is_closing():
             return False
-        transport.write(chunk_frame(chunk) if self._chunked else chunk)
+        transport.write(data)
         return not conn.writing_paused
 
     async def drain(self) -> None:

@@ -27,7 +27,7 @@ from proxy.auth import key_from_headers
 from proxy.errors import Refusal, bad_request, unauthenticated
 from proxy.exchange import Exchange
 from proxy.front import chunk_frame
-from proxy.http1 import Response, UpstreamError
+from proxy.http1 import Response, Sink, UpstreamError
 from proxy.ledger import (
     BALANCE,
     MEMBER_MONTHLY,
@@ -43,6 +43,7 @@ from proxy.money import format_usd
 from proxy.paths import check_relayable
 from proxy.refusals import extra_usage_disabled_refusal, reset_phrase, rfc3339
 from proxy.store.base import Seat
+from proxy.upstream import Upstream
 
 SSE_CONTENT_TYPE = "text/event-stream"
 CONTINUE_HEADER = "x-extra-usage"
@@ -115,6 +116,7 @@ class Call(Protocol):
 
     headers: Mapping[str, str]
     path_qs: str  # the path and query, as sent
+    heads_from_callbacks: bool  # `begin_stream` works (the lean front); else `start_stream`
 
     async def read(self) -> bytes:
         """The whole body; a 413 (aiohttp's HTTPRequestEntityTooLarge) past server.max_body_mb."""
@@ -126,6 +128,11 @@ class Call(Protocol):
 
     async def start_stream(self, status: int, headers: Mapping[str, str], first: bytes) -> None:
         """A streamed answer's head and its first chunk, in one write."""
+        ...
+
+    def begin_stream(self, status: int, headers: Mapping[str, str], first: bytes) -> bool:
+        """`start_stream` from a callback (no await), where `heads_from_callbacks`; False as
+        for `send`."""
         ...
 
     def send(self, chunk: bytes) -> bool:
@@ -380,31 +387,23 @@ async def _relay_stream(
     """Relay an SSE stream chunk by chunk while metering it; charge what was used."""
     upstream = app[UPSTREAM]
     ex.forwarded_s = started_s = time.perf_counter()
+    relay = _Relay(call, ex, upstream, started_s)
     try:
-        async with upstream.send("POST", call.path_qs, headers, body) as up:
-            ex.upstream_status = up.status
-            ex.upstream_ms = (time.perf_counter() - started_s) * 1000
-            response_headers = upstream.response_headers(up.headers)
-            response_headers.update(ex.usage_headers)
-            if up.status >= 300 or up.content_type != SSE_CONTENT_TYPE:
+        async with upstream.send("POST", call.path_qs, headers, body, relay.on_head) as up:
+            if not _is_event_stream(up):
                 payload = await up.read()
                 app[BILLING].charge(ex, usage_from_body(payload) if up.status < 300 else None)
                 ex.outcome = "ok" if up.status < 300 else "upstream_error"
                 try:
-                    await call.respond(up.status, response_headers, payload)
+                    await call.respond(up.status, relay.headers, payload)
                 except ConnectionResetError:
                     ex.outcome = "client_disconnected"
                 return
             app[METRICS].open_streams.inc()
-            meter = SseMeter()
             try:
-                ex.outcome = await _pump(call, up, response_headers, meter)
-            except asyncio.CancelledError:
-                ex.outcome = "client_disconnected"
-                raise
+                ex.outcome = await _pump(call, up, relay)
             finally:
                 app[METRICS].open_streams.dec()
-                app[BILLING].charge(ex, _stream_usage(app, meter))
             if ex.outcome == "upstream_cut":
                 call.abort()  # let the client see a broken stream, as it was
             elif ex.outcome != "client_disconnected":
@@ -413,39 +412,85 @@ async def _relay_stream(
     except Refusal as refusal:
         ex.outcome = refusal.outcome
         raise
+    except asyncio.CancelledError:  # the client left (its stream may have begun, from the
+        if ex.outcome == "unknown":  # upstream's callbacks, before this task ran again)
+            ex.outcome = "client_disconnected"
+        raise
+    finally:
+        if relay.meter.saw_message_start:  # else nothing billable (usage None, cost 0)
+            app[BILLING].charge(ex, _stream_usage(app, relay.meter))
 
 
-async def _pump(call: Call, up: Response, headers: CIMultiDict[str], meter: SseMeter) -> str:
-    """Copy upstream chunks to the client as they arrive; return how the stream ended.
+class _Relay:
+    """A stream on its way to the client, driven by the upstream connection's callbacks: its
+    head (`on_head`), then each chunk (`sink`, for `Response.push`), metered and written on as
+    it arrives, with no task switch between reading a chunk and writing it. On the lean front
+    the answer's head goes out with the first chunk from that callback too: a first byte does
+    not wait for the handler's task to be woken in a busy loop (docs/performance.md). aiohttp's
+    response writes its head from the task (`_pump`)."""
 
-    The first chunk goes out with the response head, in one write. Every later one is metered
-    and written from the upstream connection's own callback as it arrives (`Response.push`),
-    with no task switch between reading it and writing it on."""
+    __slots__ = ("_call", "_ex", "_started_s", "_upstream", "begun", "headers", "meter", "status")
+
+    def __init__(self, call: Call, ex: Exchange, upstream: Upstream, started_s: float) -> None:
+        self._call = call
+        self._ex = ex
+        self._upstream = upstream
+        self._started_s = started_s
+        self.meter = SseMeter()
+        self.status = 0
+        self.headers: CIMultiDict[str] = CIMultiDict()
+        self.begun = False  # the answer's head is written
+
+    def on_head(self, up: Response) -> Sink | None:
+        """The upstream's head has arrived (from its connection's callback): the answer's
+        status and headers; `sink` for an event stream's body, where the call can begin the
+        answer from a callback."""
+        ex = self._ex
+        ex.upstream_status = self.status = up.status
+        ex.upstream_ms = (time.perf_counter() - self._started_s) * 1000
+        self.headers = self._upstream.response_headers(up.headers)
+        self.headers.update(ex.usage_headers)
+        return self.sink if self._call.heads_from_callbacks and _is_event_stream(up) else None
+
+    def sink(self, chunk: bytes) -> bool:
+        self.meter.feed(chunk)
+        if self.begun:
+            return self._call.send(chunk)
+        self.begun = True
+        return self._call.begin_stream(self.status, self.headers, chunk)
+
+
+async def _pump(call: Call, up: Response, relay: _Relay) -> str:
+    """Copy upstream chunks to the client as they arrive (`_Relay`); how the stream ended."""
     try:
-        chunk = await up.next_chunk()
-        meter.feed(chunk)
-        await call.start_stream(up.status, headers, chunk)
-        if chunk:
-
-            def sink(chunk: bytes) -> bool:
-                meter.feed(chunk)
-                return call.send(chunk)
-
-            while not await up.push(sink):
-                if call.client_left:
-                    return "client_disconnected"
-                await call.drain()  # the client reads slowly: wait for it
+        if not call.heads_from_callbacks:  # the head and first chunk, from here
+            first = await up.next_chunk()
+            relay.meter.feed(first)
+            relay.begun = True
+            await call.start_stream(up.status, relay.headers, first)
+        while not await up.push(relay.sink):
+            if call.client_left:
+                return "client_disconnected"
+            await call.drain()  # the client reads slowly: wait for it
+        if not relay.begun:  # the body was empty: the head alone
+            await call.start_stream(up.status, relay.headers, b"")
     except UpstreamError:
         return "upstream_cut"
     except ConnectionResetError:
         return "client_disconnected"
-    if meter.completed:
+    if relay.meter.completed:
         return "ok"
-    return "upstream_error_event" if meter.error_type else "upstream_cut"
+    return "upstream_error_event" if relay.meter.error_type else "upstream_cut"
+
+
+def _is_event_stream(up: Response) -> bool:
+    return up.status < 300 and up.content_type == SSE_CONTENT_TYPE
 
 
 class AioCall:
     """`Call` over aiohttp's request and response objects."""
+
+    heads_from_callbacks = False  # a response's head is written by `prepare`, awaited
 
     def __init__(self, request: web.Request) -> None:
         self._request = request
@@ -473,6 +518,9 @@ class AioCall:
         self._high_water_bytes = transport.get_write_buffer_limits()[1]
         if first:
             await response.write(first)
+
+    def begin_stream(self, status: int, headers: Mapping[str, str], first: bytes) -> bool:
+        raise NotImplementedError("aiohttp writes a response's head from a task: start_stream")
 
     def send(self, chunk: bytes) -> bool:
         transport = self._request.transport

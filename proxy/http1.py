@@ -15,7 +15,9 @@ no redirects, no cookies, no proxies; `identity` bodies, or gzip/deflate decoded
   byte from the server while a response is awaited (the head or the next part of the body).
 - Bodies: read whole (`read`), piece by piece by a task (`next_chunk`, `chunks`), or pushed
   (`push`): each piece handed to a callable from the connection's own callback as it arrives,
-  with no task woken a piece (the proxy's streams: docs/performance.md).
+  with no task woken a piece (the proxy's streams: docs/performance.md). A request's `on_head`
+  is called from that callback when the head arrives and may hand back such a callable at once,
+  so that even the first piece goes on before the requesting task is woken.
 - Flow: a body buffered beyond HIGH_WATER_BYTES pauses reading from the server until the reader
   has taken it below LOW_WATER_BYTES; a slow client so slows the upstream, not our memory.
 - Errors: `UpstreamError` (refused, reset, closed early, not HTTP), and `UpstreamTimeout`; an
@@ -38,6 +40,10 @@ from multidict import CIMultiDict, CIMultiDictProxy
 IDLE_KEEP_S = 15.0  # aiohttp's keep-alive default; servers keep idle connections longer
 HIGH_WATER_BYTES = 256 * 1024
 LOW_WATER_BYTES = 64 * 1024
+# A sink: takes a piece of the body, answers False to stop for now (see `Response.push`).
+Sink = Callable[[bytes], bool]
+# Called with a response as its head arrives; may answer the sink for its body (`request`).
+OnHead = Callable[["Response"], Sink | None]
 _DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
@@ -86,15 +92,23 @@ class Client:
         return len(self._all)
 
     async def request(
-        self, method: str, target: str, headers: Iterable[tuple[str, str]], body: bytes
+        self,
+        method: str,
+        target: str,
+        headers: Iterable[tuple[str, str]],
+        body: bytes,
+        on_head: OnHead | None = None,
     ) -> Response:
         """Send a request (`target`: path and query, after the base URL's path) and return once
-        the response head has arrived; its body then follows through the `Response`."""
+        the response head has arrived; its body then follows through the `Response`. `on_head`,
+        when given, is called with the `Response` from the connection's callback as the head
+        arrives; the sink it answers (or None) takes the body's pieces from then on, as `push`
+        would, until the task calls `push` with it."""
         head = self._head(method, target, headers, len(body))
         await self._slots.acquire()
         try:
             conn = self._reuse() or await self._open()
-            response = Response(conn, head_only=method == "HEAD")
+            response = Response(conn, head_only=method == "HEAD", on_head=on_head)
             conn.send(response, head, body)
         except BaseException:
             self._slots.release()
@@ -316,11 +330,14 @@ class Response:
         "_waiter",
         "head_only",
         "headers",
+        "on_head",
         "reads_to_close",
         "status",
     )
 
-    def __init__(self, conn: _Connection, *, head_only: bool = False) -> None:
+    def __init__(
+        self, conn: _Connection, *, head_only: bool = False, on_head: OnHead | None = None
+    ) -> None:
         self._conn = conn
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
@@ -328,10 +345,11 @@ class Response:
         self._done = False
         self._error: Exception | None = None
         self._head = False
-        self._sink: Callable[[bytes], bool] | None = None
+        self._sink: Sink | None = None
         self._sink_stopped = False
         self._waiter: asyncio.Future[None] | None = None
         self.head_only = head_only
+        self.on_head = on_head
         self.status = 0
         self.headers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
         self.reads_to_close = False  # no length, not chunked: the body ends with the connection
@@ -382,12 +400,15 @@ class Response:
                 return b""
             await self._wait()
 
-    async def push(self, sink: Callable[[bytes], bool]) -> bool:
+    async def push(self, sink: Sink) -> bool:
         """Hand the body to `sink` piece by piece as it arrives, called from the connection's
         own callback: no task switch a piece. Answer True once the body has ended, False as soon
         as `sink` answers False (its own buffer is full, or its reader left): what arrives
         meanwhile waits here, up to HIGH_WATER_BYTES as for `chunks()`, until the next call.
         Raise what cut it: an UpstreamError, or the sink's own error."""
+        if self._sink_stopped:  # the sink `on_head` gave said stop before this call
+            self._sink_stopped = False
+            return False
         chunks = self._chunks
         while True:
             while chunks:  # arrived before, or after the sink last said stop
@@ -439,6 +460,8 @@ class Response:
             and "chunked" not in headers.get("transfer-encoding", "").lower()
             and status not in (204, 304)
         )
+        if self.on_head is not None:
+            self._sink = self.on_head(self)
         self._wake()
 
     def feed(self, chunk: bytes) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.errors import Refusal
-from proxy.http1 import Client, Response, UpstreamError, UpstreamTimeout
+from proxy.http1 import Client, OnHead, Response, UpstreamError, UpstreamTimeout
 from proxy.settings import UpstreamSettings
 
 # Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus those we set ourselves.
@@ -73,23 +73,38 @@ class Upstream:
                 headers.popall(name, None)  # a name seen twice is gone after the first
         return headers
 
-    def send(self, method: str, path_qs: str, headers: CIMultiDict[str], body: bytes) -> Sending:
+    def send(
+        self,
+        method: str,
+        path_qs: str,
+        headers: CIMultiDict[str],
+        body: bytes,
+        on_head: OnHead | None = None,
+    ) -> Sending:
         """Open one upstream request (`async with`); faults before the response head become
-        502/504 refusals; an answer not read to its end closes its connection on the way out."""
+        502/504 refusals; an answer not read to its end closes its connection on the way out.
+        `on_head`: see `http1.Client.request`."""
         assert self._client is not None, "Upstream.start() was not called"
-        return Sending(self._client, method, path_qs, headers, body)
+        return Sending(self._client, method, path_qs, headers, body, on_head)
 
 
 class Sending:
     """`async with upstream.send(...) as response`: a class, not an @asynccontextmanager, which
     costs a generator and its frames every request."""
 
-    __slots__ = ("_body", "_client", "_headers", "_method", "_path_qs", "_response")
+    __slots__ = ("_body", "_client", "_headers", "_method", "_on_head", "_path_qs", "_response")
 
     def __init__(
-        self, client: Client, method: str, path_qs: str, headers: CIMultiDict[str], body: bytes
+        self,
+        client: Client,
+        method: str,
+        path_qs: str,
+        headers: CIMultiDict[str],
+        body: bytes,
+        on_head: OnHead | None,
     ) -> None:
         self._client = client
+        self._on_head = on_head
         self._method = method
         self._path_qs = path_qs
         self._headers = headers
@@ -99,7 +114,7 @@ class Sending:
     async def __aenter__(self) -> Response:
         try:
             self._response = await self._client.request(
-                self._method, self._path_qs, self._headers.items(), self._body
+                self._method, self._path_qs, self._headers.items(), self._body, self._on_head
             )
         except UpstreamTimeout:
             raise Refusal(

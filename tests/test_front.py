@@ -14,13 +14,13 @@ from conftest import ALICE_KEY, BOB_KEY, settled
 
 from proxy.appkeys import STORE
 
-BODY = json.dumps(
-    {
-        "model": "claude-sonnet-4-5",
-        "max_tokens": 64,
-        "messages": [{"role": "user", "content": "Hello there"}],
-    }
-).encode()
+CALL = {
+    "model": "claude-sonnet-4-5",
+    "max_tokens": 64,
+    "messages": [{"role": "user", "content": "Hello there"}],
+}
+BODY = json.dumps(CALL).encode()
+STREAM_BODY = json.dumps({**CALL, "stream": True}).encode()
 
 
 def post(body: bytes = BODY, *, extra: str = "", key: str = ALICE_KEY) -> bytes:
@@ -84,9 +84,10 @@ async def test_another_route_hands_the_connection_to_aiohttp_which_serves_messag
     proxy: TestServer,
 ) -> None:
     reader, writer = await connect(proxy)
-    writer.write(post())
-    status, headers, _ = await read_response(reader)
-    assert status == 200 and held(proxy) == (1, 0)
+    for body in (BODY, STREAM_BODY):
+        writer.write(post(body))
+        status, headers, _ = await read_response(reader)
+        assert status == 200 and held(proxy) == (1, 0)
     writer.write(
         f"GET /v1/usage HTTP/1.1\r\nHost: proxy\r\nx-api-key: {ALICE_KEY}\r\n\r\n".encode()
     )
@@ -97,8 +98,12 @@ async def test_another_route_hands_the_connection_to_aiohttp_which_serves_messag
     status, headers, body = await read_response(reader)
     assert status == 200 and held(proxy) == (0, 1)
     assert json.loads(body)["type"] == "message" and "x-usage-cost" in headers
+    writer.write(post(STREAM_BODY))  # a stream's head, written by aiohttp's response
+    status, headers, body = await read_response(reader)
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    assert body.startswith(b"event: message_start") and b"event: message_stop" in body
     writer.close()
-    assert {r.status for r in await settled(proxy, 2)} == {"posted"}
+    assert {r.status for r in await settled(proxy, 4)} == {"posted"}
 
 
 async def test_a_head_that_arrives_byte_by_byte_is_read_whole(proxy: TestServer) -> None:

@@ -378,6 +378,75 @@ async def test_push_hands_each_piece_to_the_sink_as_it_arrives_until_the_body_en
     assert server.connections == 1
 
 
+async def test_on_head_gives_a_sink_that_takes_the_first_piece_before_the_requester_resumes() -> (
+    None
+):
+    async def head_with_a_piece(reader: Reader, writer: Writer) -> None:
+        await read_request(reader)  # the head and the first piece in one write, as a stream's
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"6\r\nsecond\r\n0\r\n\r\n")
+        await writer.drain()
+        await read_request(reader)  # no sink this time: the body waits for the reader
+        writer.write(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\n\r\noops")
+        await writer.drain()
+        await reader.read()
+
+    seen: list[tuple[bytes, bool, asyncio.Task | None]] = []  # piece, requester resumed, task
+    resumed = False
+
+    def sink(piece: bytes) -> bool:
+        seen.append((piece, resumed, asyncio.current_task()))
+        return True
+
+    def on_head(response: http1.Response) -> http1.Sink | None:
+        return sink if response.status == 200 else None
+
+    async with serving(head_with_a_piece) as server:
+        upstream = client(server.url)
+        try:
+            response = await upstream.request("POST", "/", [], b"{}", on_head=on_head)
+            resumed = True
+            assert await asyncio.wait_for(response.push(sink), 5) is True
+            # both from the connection's callback; the first before request() had returned
+            assert seen == [(b"first", False, None), (b"second", True, None)]
+            refused = await upstream.request("POST", "/", [], b"{}", on_head=on_head)
+            assert (refused.status, await refused.read()) == (500, b"oops")
+        finally:
+            await upstream.close()
+    assert server.connections == 1
+
+
+async def test_a_sink_from_on_head_that_says_stop_makes_push_answer_false_at_once() -> None:
+    firehose = Firehose()
+    taken = 0
+
+    def full_at_once(chunk: bytes) -> bool:
+        nonlocal taken
+        taken += len(chunk)
+        return False
+
+    def takes_all(chunk: bytes) -> bool:
+        nonlocal taken
+        taken += len(chunk)
+        return True
+
+    async with serving(firehose) as server:
+        upstream = client(server.url, read_timeout_s=5.0)
+        try:
+            response = await upstream.request("POST", "/", [], b"", on_head=lambda _: full_at_once)
+            await asyncio.sleep(0.1)  # the body's first piece reached full_at_once, which said stop
+            assert 0 < taken < firehose.total
+            before = taken  # push says stop at once, as the sink did, handing it nothing
+            assert await asyncio.wait_for(response.push(takes_all), 5) is False
+            assert taken == before
+            assert await asyncio.wait_for(response.push(takes_all), 10) is True
+            assert taken == firehose.total == firehose.sent
+        finally:
+            await upstream.close()
+
+
 async def test_a_sink_that_says_stop_holds_the_server_back_until_pushed_again() -> None:
     firehose = Firehose()
     received = handed = 0
