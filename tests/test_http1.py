@@ -418,59 +418,52 @@ async def test_on_head_gives_a_sink_that_takes_the_first_piece_before_the_reques
     assert server.connections == 1
 
 
+class Taker:
+    """A sink that counts what it takes and says stop once it has taken `pieces_max` pieces
+    (None: it takes all)."""
+
+    def __init__(self, pieces_max: int | None) -> None:
+        self.pieces_max = pieces_max
+        self.pieces = 0
+        self.taken_bytes = 0
+
+    def __call__(self, chunk: bytes) -> bool:
+        self.pieces += 1
+        self.taken_bytes += len(chunk)
+        return self.pieces_max is None or self.pieces < self.pieces_max
+
+
 async def test_a_sink_from_on_head_that_says_stop_makes_push_answer_false_at_once() -> None:
     firehose = Firehose()
-    taken = 0
-
-    def full_at_once(chunk: bytes) -> bool:
-        nonlocal taken
-        taken += len(chunk)
-        return False
-
-    def takes_all(chunk: bytes) -> bool:
-        nonlocal taken
-        taken += len(chunk)
-        return True
-
+    sink = Taker(pieces_max=1)
     async with serving(firehose) as server:
         upstream = client(server.url, read_timeout_s=5.0)
         try:
-            response = await upstream.request("POST", "/", [], b"", on_head=lambda _: full_at_once)
-            await asyncio.sleep(0.1)  # the body's first piece reached full_at_once, which said stop
-            assert 0 < taken < firehose.total
-            before = taken  # push says stop at once, as the sink did, handing it nothing
-            assert await asyncio.wait_for(response.push(takes_all), 5) is False
-            assert taken == before
-            assert await asyncio.wait_for(response.push(takes_all), 10) is True
-            assert taken == firehose.total == firehose.sent
+            response = await upstream.request("POST", "/", [], b"", on_head=lambda _: sink)
+            await asyncio.sleep(0.1)  # the body's first piece reached the sink, which said stop
+            assert sink.pieces == 1 and sink.taken_bytes < firehose.total
+            sink.pieces_max = None  # push says stop at once, as the sink did, handing it nothing
+            assert await asyncio.wait_for(response.push(sink), 5) is False
+            assert sink.pieces == 1
+            assert await asyncio.wait_for(response.push(sink), 10) is True
+            assert sink.taken_bytes == firehose.total == firehose.sent
         finally:
             await upstream.close()
 
 
 async def test_a_sink_that_says_stop_holds_the_server_back_until_pushed_again() -> None:
     firehose = Firehose()
-    received = handed = 0
-
-    def full_at_the_third_piece(chunk: bytes) -> bool:
-        nonlocal received, handed
-        received += len(chunk)
-        handed += 1
-        return handed < 3
-
-    def takes_all(chunk: bytes) -> bool:
-        nonlocal received
-        received += len(chunk)
-        return True
-
+    sink = Taker(pieces_max=3)
     async with serving(firehose) as server:
         upstream = client(server.url, read_timeout_s=5.0)
         try:
             response = await upstream.request("POST", "/", [], b"")
-            assert await asyncio.wait_for(response.push(full_at_the_third_piece), 5) is False
+            assert await asyncio.wait_for(response.push(sink), 5) is False
             await asyncio.sleep(0.3)  # nobody pushes: the sink gets nothing more, the server waits
-            assert handed == 3 and received < firehose.total and firehose.sent < firehose.total
-            assert await asyncio.wait_for(response.push(takes_all), 10) is True
-            assert received == firehose.total == firehose.sent
+            assert sink.pieces == 3 and sink.taken_bytes < firehose.total > firehose.sent
+            sink.pieces_max = None
+            assert await asyncio.wait_for(response.push(sink), 10) is True
+            assert sink.taken_bytes == firehose.total == firehose.sent
         finally:
             await upstream.close()
 
