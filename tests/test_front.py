@@ -192,6 +192,20 @@ async def test_an_http_1_0_request_is_answered_and_closed(proxy: TestServer) -> 
     writer.close()
 
 
+async def test_an_http_1_0_stream_is_sent_unframed_and_ends_with_the_connection(
+    proxy: TestServer,
+) -> None:
+    reader, writer = await connect(proxy)
+    writer.write(post(STREAM_BODY).replace(b"HTTP/1.1", b"HTTP/1.0", 1))
+    status, headers, body = await read_response(reader)  # no length, not chunked: to the close
+    assert status == 200 and headers["connection"] == "close"
+    assert "transfer-encoding" not in headers and "content-length" not in headers
+    assert body.startswith(b"event: message_start") and body.rstrip().endswith(b"}")
+    assert b"event: message_stop" in body
+    writer.close()
+    assert {r.status for r in await settled(proxy, 1)} == {"posted"}
+
+
 async def test_a_request_sent_during_an_answer_waits_its_turn(proxy: TestServer) -> None:
     reader, writer = await connect(proxy)
     stream = json.dumps({**json.loads(BODY), "stream": True}).encode()
