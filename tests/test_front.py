@@ -208,8 +208,7 @@ async def test_an_http_1_0_stream_is_sent_unframed_and_ends_with_the_connection(
 
 async def test_a_request_sent_during_an_answer_waits_its_turn(proxy: TestServer) -> None:
     reader, writer = await connect(proxy)
-    stream = json.dumps({**json.loads(BODY), "stream": True}).encode()
-    writer.write(post(stream, extra="x-mock-deltas: 5\r\nx-mock-delay-ms: 20\r\n"))
+    writer.write(post(STREAM_BODY, extra="x-mock-deltas: 5\r\nx-mock-delay-ms: 20\r\n"))
     await asyncio.sleep(0.03)  # the stream is under way
     writer.write(post())
     status, headers, body = await read_response(reader)

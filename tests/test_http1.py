@@ -378,9 +378,7 @@ async def test_push_hands_each_piece_to_the_sink_as_it_arrives_until_the_body_en
     assert server.connections == 1
 
 
-async def test_on_head_gives_a_sink_that_takes_the_first_piece_before_the_requester_resumes() -> (
-    None
-):
+async def test_the_sink_on_head_gives_takes_the_first_piece_before_request_returns() -> None:
     async def head_with_a_piece(reader: Reader, writer: Writer) -> None:
         await read_request(reader)  # the head and the first piece in one write, as a stream's
         writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
