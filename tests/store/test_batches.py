@@ -130,6 +130,45 @@ async def test_a_step_that_cannot_succeed_fails_alone(store: BatchedStore) -> No
     assert await store.get_request("a1") is None  # nothing of the failed step went in
 
 
+async def test_a_batch_whose_writes_fail_on_the_server_leaves_no_trace_and_its_steps_run_alone(
+    store: BatchedStore,
+) -> None:
+    """carol's and dave's steps take the two batches that may run at once; alice's and bob's
+    go together into the next. Two admissions with one request id: the batch's writes fail on
+    the server (a duplicate key), its transaction rolls back whole, and each step runs again
+    alone: one of the two is admitted, the other fails, bob's other one goes in."""
+    alice, bob = await member(store, ALICE_KEY), await member(store, BOB_KEY)
+    carol, dave = await member(store, CAROL_KEY), await member(store, DAVE_KEY)
+    alone_before = store.steps_alone
+    complaints: list[str] = []  # asyncpg's pool rolls back what a release finds open, with this
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, context: complaints.append(context["message"]))
+    try:
+        results = await asyncio.gather(
+            store.admit(asking(carol, "c1", 1_000), TIERS),
+            store.admit(asking(dave, "d1", 1_000), TIERS),
+            store.admit(asking(alice, "same", 2_000), TIERS),
+            store.admit(asking(bob, "same", 3_000), TIERS),
+            store.admit(asking(bob, "b2", 5_000), TIERS),
+            return_exceptions=True,
+        )
+        more = await store.admit(asking(bob, "b3", 1_000), TIERS)  # its connection is usable
+    finally:
+        loop.set_exception_handler(None)
+    assert all(isinstance(results[i].decision, Admitted) for i in (0, 1, 4))
+    assert store.steps_alone == alone_before + 3
+    # alone, the two run at once, each on a connection of its own: either may be first
+    failed = [i for i in (2, 3) if isinstance(results[i], asyncpg.UniqueViolationError)]
+    assert len(failed) == 1
+    winner = alice if failed == [3] else bob
+    assert (await store.get_request("same")).member_id == winner
+    # nothing of the failed batch stayed: the reservations of the steps that went in, alone
+    assert await reserved_nanos(store, alice) == (2_000 if winner == alice else 0)
+    assert await reserved_nanos(store, bob) == 5_000 + (3_000 if winner == bob else 0)
+    assert isinstance(more.decision, Admitted)
+    assert complaints == []  # the failed batch rolled back before its connection went back
+
+
 async def test_an_org_locked_mid_batch_is_read_again_under_its_lock(
     store: BatchedStore, url: str
 ) -> None:
