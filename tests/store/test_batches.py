@@ -164,7 +164,7 @@ async def test_a_batch_whose_writes_fail_on_the_server_leaves_no_trace_and_its_s
     assert (await store.get_request("same")).member_id == winner
     # nothing of the failed batch stayed: the reservations of the steps that went in, alone
     assert await reserved_nanos(store, alice) == (2_000 if winner == alice else 0)
-    assert await reserved_nanos(store, bob) == 5_000 + (3_000 if winner == bob else 0)
+    assert await reserved_nanos(store, bob) == 5_000 + 1_000 + (3_000 if winner == bob else 0)
     assert isinstance(more.decision, Admitted)
     assert complaints == []  # the failed batch rolled back before its connection went back
 
