@@ -390,7 +390,7 @@ async def _relay_stream(
     relay = _Relay(call, ex, upstream, started_s)
     try:
         async with upstream.send("POST", call.path_qs, headers, body, relay.on_head) as up:
-            if not _is_event_stream(up):
+            if not relay.event_stream:
                 payload = await up.read()
                 app[BILLING].charge(ex, usage_from_body(payload) if up.status < 300 else None)
                 ex.outcome = "ok" if up.status < 300 else "upstream_error"
@@ -429,7 +429,17 @@ class _Relay:
     not wait for the handler's task to be woken in a busy loop (docs/performance.md). aiohttp's
     response writes its head from the task (`_pump`)."""
 
-    __slots__ = ("_call", "_ex", "_started_s", "_upstream", "begun", "headers", "meter", "status")
+    __slots__ = (
+        "_call",
+        "_ex",
+        "_started_s",
+        "_upstream",
+        "begun",
+        "event_stream",
+        "headers",
+        "meter",
+        "status",
+    )
 
     def __init__(self, call: Call, ex: Exchange, upstream: Upstream, started_s: float) -> None:
         self._call = call
@@ -439,6 +449,7 @@ class _Relay:
         self.meter = SseMeter()
         self.status = 0
         self.headers: CIMultiDict[str] = CIMultiDict()
+        self.event_stream = False  # a 2xx answer of SSE events, to relay chunk by chunk
         self.begun = False  # the answer's head is written
 
     def on_head(self, up: Response) -> Sink | None:
@@ -450,7 +461,8 @@ class _Relay:
         ex.upstream_ms = (time.perf_counter() - self._started_s) * 1000
         self.headers = self._upstream.response_headers(up.headers)
         self.headers.update(ex.usage_headers)
-        return self.sink if self._call.heads_from_callbacks and _is_event_stream(up) else None
+        self.event_stream = up.status < 300 and up.content_type == SSE_CONTENT_TYPE
+        return self.sink if self.event_stream and self._call.heads_from_callbacks else None
 
     def sink(self, chunk: bytes) -> bool:
         self.meter.feed(chunk)
@@ -481,10 +493,6 @@ async def _pump(call: Call, up: Response, relay: _Relay) -> str:
     if relay.meter.completed:
         return "ok"
     return "upstream_error_event" if relay.meter.error_type else "upstream_cut"
-
-
-def _is_event_stream(up: Response) -> bool:
-    return up.status < 300 and up.content_type == SSE_CONTENT_TYPE
 
 
 class AioCall:
