@@ -358,14 +358,21 @@ _SEAT_FIELDS = len(fields(_SeatRow))
 # admitting members', and the settling requests' members), each locked, members in id order;
 # with each member, its requests to settle, its newest window of each kind and the month spend
 # of its org (member 0) and of itself, in the months the batch's instants may fall in.
+# Every row is found by its key: requests by id (whether still pending is asked after the
+# lock: a plan that asked the "pending" index first read each of its dead entries, one for
+# every settlement since the last vacuum) and members by id (an `OR m.id IN (...)` read them
+# all). A request no longer pending stays locked until the batch ends, and its step runs alone
+# after it. tests/store/test_batches.py checks the plan.
 _BOOKS_SQL = f"""
-WITH settling AS (
+WITH asked AS (
     SELECT id, member_id, model, billing, reserved_nanos, extra_reserved_nanos, month,
-        session_started_at_s, weekly_started_at_s
-    FROM requests WHERE id = ANY(?::text[]) AND status = 'pending' FOR UPDATE SKIP LOCKED
+        session_started_at_s, weekly_started_at_s, status
+    FROM requests WHERE id = ANY(?::text[]) FOR UPDATE SKIP LOCKED
+), settling AS (
+    SELECT * FROM asked WHERE status = 'pending'
 ), seats ({", ".join(f.name for f in fields(_SeatRow))}) AS (
     SELECT {_SEAT_COLUMNS} FROM members m {_SEAT_JOINS}
-    WHERE m.id = ANY(?::bigint[]) OR m.id IN (SELECT member_id FROM settling)
+    WHERE m.id = ANY(ARRAY(SELECT member_id FROM settling) || ?::bigint[])
     ORDER BY m.id FOR UPDATE OF m SKIP LOCKED
 )
 SELECT seats.*,

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import tomllib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
 import pytest
@@ -16,7 +17,8 @@ from proxy.ledger import Admitted, Unaffordable, month_of
 from proxy.orgfile import parse_orgs
 from proxy.settings import StoreSettings
 from proxy.store import open_store
-from proxy.store.batches import BatchedStore, _months_around
+from proxy.store.batches import _BOOKS_SQL, BatchedStore, _months_around
+from proxy.store.postgres import to_dollar_params
 from tests.conftest import ALICE_KEY, BOB_KEY, DEFAULT_ORGS, postgres_schema
 from tests.store.test_contract import NOW_S, PLANS, TIERS, asking, settling
 
@@ -221,6 +223,59 @@ async def waiting_for(replica: asyncpg.Connection) -> None:
             return
         await asyncio.sleep(0.02)
     raise AssertionError("nothing waits for the lock")
+
+
+async def test_a_batchs_books_are_found_by_key_not_by_scanning(
+    store: BatchedStore, url: str
+) -> None:
+    """The books' statement reads its rows by key, however many members the database holds
+    and however many settled requests the "pending" index still lists until a vacuum (each
+    settlement leaves one such dead entry). An earlier version read all the members, or
+    every entry of that index: 2.2 ms a batch with 20,000 members (docs/performance.md)."""
+    alice, bob = await member(store, ALICE_KEY), await member(store, BOB_KEY)
+    await store.admit(asking(bob, "to-settle", 1_000), TIERS)
+    conn = await asyncpg.connect(url, server_settings={"plan_cache_mode": "force_generic_plan"})
+    try:
+        await conn.execute(
+            "INSERT INTO members (org_id, email, role, tier, created_at_s) "
+            "SELECT 'acme', 'm' || n || '@acme.test', 'member', 'standard', 0 "
+            "FROM generate_series(1, 5000) n"
+        )
+        await conn.execute(
+            "INSERT INTO requests (id, member_id, org_id, model, stream, status, created_at_s, "
+            "expires_at_s) SELECT 'old' || n, $1, 'acme', 'claude-sonnet-4-5', 0, 'pending', "
+            "0, 0 FROM generate_series(1, 5000) n",
+            alice,
+        )
+        await conn.execute("UPDATE requests SET status = 'posted' WHERE id LIKE 'old%'")
+        months = ", ".join(f"'{month}'" for month in _months_around([NOW_S]))
+        plans = []
+        for analyze in ((), ("ANALYZE",)):  # planned without statistics (new tables), then with
+            for sql in (*analyze, f"PREPARE books AS {to_dollar_params(_BOOKS_SQL)}"):
+                await conn.execute(sql)
+            async with conn.transaction():
+                plans.append(
+                    await conn.fetchval(  # EXECUTE takes no parameters: these are ours
+                        "EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE books("
+                        f"ARRAY['to-settle'], ARRAY[{alice}]::bigint[], ARRAY[{months}])"
+                    )
+                )
+            await conn.execute("DEALLOCATE books")
+    finally:
+        await conn.close()
+    for plan in plans:
+        read = [
+            (node["Node Type"], node.get("Relation Name") or node.get("Index Name"), rows)
+            for node in _nodes(json.loads(plan)[0]["Plan"])
+            if (rows := node["Actual Rows"] + node.get("Rows Removed by Filter", 0)) > 4
+        ]
+        assert read == []  # no more than alice's and bob's seats, windows and spend
+
+
+def _nodes(node: dict) -> Iterator[dict]:
+    yield node
+    for child in node.get("Plans", ()):
+        yield from _nodes(child)
 
 
 def test_a_batch_reads_every_month_its_instants_fall_in_anywhere() -> None:
