@@ -225,7 +225,7 @@ async def waiting_for(replica: asyncpg.Connection) -> None:
     raise AssertionError("nothing waits for the lock")
 
 
-async def test_a_batchs_books_are_found_by_key_not_by_scanning(
+async def test_a_batch_finds_its_books_by_key_not_by_scanning(
     store: BatchedStore, url: str
 ) -> None:
     """The books' statement reads its rows by key, however many members the database holds
