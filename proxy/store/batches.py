@@ -175,7 +175,7 @@ class BatchedStore(SqlStore):
 
     async def _once(self, batch: list[_Waiting]) -> list[Any]:
         """The batch's transaction: each step's answer, or _ALONE for a step it did not run."""
-        async with self._pg.transaction() as tx:
+        async with self._pg.kept_transaction() as tx:
             books = _Batch(self._pg, tx, self._months)
             locked = await books.lock([waiting.step for waiting in batch])
             answers: list[Any] = []

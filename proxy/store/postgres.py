@@ -5,18 +5,21 @@ across all replicas because each takes the member's row lock first, and money st
 likewise under the org's row lock (`SELECT ... FOR UPDATE`, member before org); under READ
 COMMITTED every later statement of that transaction then sees what the previous holder committed.
 A transaction that still loses a race (deadlock, serialization failure) runs again (sql._atomic).
-Admissions and settlements commit in batches, many steps in one transaction (batches.py).
-A server that is down, a connection that dies and a pool with no free connection within
-`store.pool_timeout_s` all become StoreUnavailable: the request fails with a 503, and the pool
-opens fresh connections for the next one.
+Admissions and settlements commit in batches, many steps in one transaction (batches.py), on
+connections kept open for them beside the pool (`kept_transaction`: two at most). A server that
+is down, a connection that dies and a pool with no free connection within
+`store.pool_timeout_s` all become StoreUnavailable: the request fails with a 503, and fresh
+connections are opened for the next one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit
@@ -57,26 +60,25 @@ def safe_url(url: str) -> str:
 
 
 async def open_postgres(url: str, *, pool_size: int, pool_timeout_s: float) -> BatchedStore:
+    settings = {
+        "statement_cache_size": 512,
+        "timeout": pool_timeout_s,  # connecting
+        # Plan each statement once per connection: every statement the proxy sends is a lookup
+        # by key or along an index, and PostgreSQL's default plans `= ANY($1)` (the batches'
+        # reads) anew at each run, 0.2 ms each (docs/performance.md).
+        "server_settings": {"plan_cache_mode": "force_generic_plan"},
+    }
     try:
         pool = await asyncpg.create_pool(
-            url,
-            min_size=1,
-            max_size=pool_size,
-            statement_cache_size=512,
-            timeout=pool_timeout_s,  # connecting
-            reset=_keep_session,
-            # Plan each statement once per connection: every statement the proxy sends is a
-            # lookup by key or along an index, and PostgreSQL's default plans `= ANY($1)` (the
-            # batches' reads) anew at each run, 0.2 ms each (docs/performance.md).
-            server_settings={"plan_cache_mode": "force_generic_plan"},
+            url, min_size=1, max_size=pool_size, reset=_keep_session, **settings
         )
     except UNREACHABLE as exc:
         raise StoreUnavailable(f"cannot connect to {safe_url(url)}: {exc}") from exc
-    db = PostgresDatabase(pool, pool_timeout_s)
+    db = PostgresDatabase(pool, pool_timeout_s, partial(asyncpg.connect, url, **settings))
     try:
         await db.migrate()
     except BaseException:
-        await pool.close()
+        await db.close()
         raise
     return BatchedStore(db)
 
@@ -143,9 +145,16 @@ class PostgresDatabase:
     yields_mid_transaction = True
     slice_start_sql = "FLOOR({instant} / CAST({slice_s} AS DOUBLE PRECISION)) * {slice_s}"
 
-    def __init__(self, pool: asyncpg.Pool, pool_timeout_s: float) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        pool_timeout_s: float,
+        connect: Callable[[], Awaitable[asyncpg.Connection]],
+    ) -> None:
         self._pool = pool
         self._pool_timeout_s = pool_timeout_s
+        self._connect = connect  # a connection of the batches' own, set up as the pool's
+        self._kept: list[asyncpg.Connection] = []  # the batches' connections, free
         self._translated: dict[str, str] = {}
 
     @asynccontextmanager
@@ -170,6 +179,43 @@ class PostgresDatabase:
     async def transaction(self) -> AsyncIterator[PostgresTx]:
         async with self._connection() as conn, conn.transaction():
             yield PostgresTx(conn, self._translated)
+
+    @asynccontextmanager
+    async def kept_transaction(self) -> AsyncIterator[PostgresTx]:
+        """A transaction on a connection kept open for the batches (batches.py), outside the
+        pool: a batch taking one from the pool and giving it back cost 0.13 ms and 80 us of CPU
+        (the acquire's timeout and the release's shield each run a task; docs/performance.md).
+        As many stay open as batches ran at once (BATCHES_RUNNING_MAX at most). One that was
+        lost, or left in doubt, is closed, and the next batch opens another."""
+        while self._kept:
+            conn = self._kept.pop()
+            if not conn.is_closed():  # closed by the server meanwhile: dropped
+                break
+        else:
+            try:
+                conn = await self._connect()
+            except UNREACHABLE as exc:
+                raise StoreUnavailable(f"the store is unreachable: {exc}") from exc
+        try:
+            async with conn.transaction():
+                yield PostgresTx(conn, self._translated)
+        except UNREACHABLE as exc:
+            conn.terminate()
+            raise StoreUnavailable(f"the store connection failed: {exc}") from exc
+        except Exception:
+            self._keep(conn)  # a query's error or the batch's own: rolled back
+            raise
+        except BaseException:
+            conn.terminate()  # cancelled mid-query, say: whether it rolled back is not known
+            raise
+        else:
+            self._keep(conn)
+
+    def _keep(self, conn: asyncpg.Connection) -> None:
+        if conn.is_closed() or conn.is_in_transaction():
+            conn.terminate()
+        else:
+            self._kept.append(conn)
 
     @asynccontextmanager
     async def reading(self) -> AsyncIterator[PostgresTx]:
@@ -224,4 +270,8 @@ class PostgresDatabase:
             await tx.fetch("SELECT 1")
 
     async def close(self) -> None:
+        kept, self._kept = self._kept, []
+        for conn in kept:  # idle, outside any transaction: nothing to finish
+            with contextlib.suppress(*UNREACHABLE):
+                await conn.close(timeout=self._pool_timeout_s)
         await self._pool.close()

@@ -8,6 +8,7 @@ import contextlib
 import json
 import tomllib
 from collections.abc import AsyncIterator, Iterator
+from datetime import datetime
 
 import asyncpg
 import pytest
@@ -223,6 +224,63 @@ async def waiting_for(replica: asyncpg.Connection) -> None:
             return
         await asyncio.sleep(0.02)
     raise AssertionError("nothing waits for the lock")
+
+
+async def store_backends(url: str, since: datetime) -> set[tuple[int, datetime]]:
+    """The server's sessions opened since `since`, but the one asking: (pid, start)."""
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch(
+            "SELECT pid, backend_start FROM pg_stat_activity WHERE datname = "
+            "current_database() AND backend_type = 'client backend' AND pid <> "
+            "pg_backend_pid() AND backend_start >= $1",
+            since,
+        )
+    finally:
+        await conn.close()
+    return {(row[0], row[1]) for row in rows}
+
+
+async def test_batches_keep_their_connections_and_replace_one_the_server_closed(
+    url: str,
+) -> None:
+    """Batches run on connections of their own, kept open between them: a second wave of
+    admissions, two batches at once as in the first, reaches the server through the same
+    sessions, the pool's one and the batches' two. When the server closes them, the next
+    batch opens another and goes through."""
+    admin = await asyncpg.connect(url)
+    opened_at = await admin.fetchval("SELECT now()")
+    store = await open_store(StoreSettings(url=url, pool_size=1))
+    try:
+        await store.apply_orgs(parse_orgs(tomllib.loads(DEFAULT_ORGS), "orgs.toml", PLANS), NOW_S)
+        alice, bob = await member(store, ALICE_KEY), await member(store, BOB_KEY)
+
+        async def wave(name: str) -> None:
+            steps = [
+                store.admit(asking(who, f"{name}-{who}-{n}", 1_000), TIERS)
+                for n in range(10)
+                for who in (alice, bob)
+            ]
+            assert all(isinstance(a.decision, Admitted) for a in await asyncio.gather(*steps))
+
+        await wave("first")
+        first = await store_backends(url, opened_at)
+        await wave("second")
+        assert await store_backends(url, opened_at) == first
+        assert len(first) == 3  # the pool's one (pool_size = 1) and the batches' two
+
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = "
+            "current_database() AND backend_type = 'client backend' AND pid <> "
+            "pg_backend_pid() AND backend_start >= $1",
+            opened_at,
+        )
+        await asyncio.sleep(0.2)  # the closed connections notice
+        await wave("third")
+        assert not await store_backends(url, opened_at) & first
+    finally:
+        await store.close()
+        await admin.close()
 
 
 async def test_a_batch_finds_its_books_by_key_not_by_scanning(
