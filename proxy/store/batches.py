@@ -258,10 +258,7 @@ class _Held:
             rows_by_sql.setdefault(sql, []).append(params)
         self._writes = []
         for sql, rows in sorted(rows_by_sql.items(), key=lambda item: not _inserts(item[0])):
-            if len(rows) == 1:  # asyncpg's execute: 40 us of CPU, its executemany 49
-                await self._tx.execute(sql, rows[0])
-            else:
-                await self._tx.executemany(sql, rows)
+            await self._tx.executemany(sql, rows)
 
 
 class _OneTransaction:

@@ -132,7 +132,10 @@ class PostgresTx:
         return int(last) if last.isdigit() else 0
 
     async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        await self._conn.executemany(self._sql(sql), rows)
+        if len(rows) == 1:  # asyncpg's execute: 40 us of CPU, its executemany 49
+            await self._conn.execute(self._sql(sql), *rows[0])
+        else:
+            await self._conn.executemany(self._sql(sql), rows)
 
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         return await self._conn.fetch(self._sql(sql), *params)
