@@ -169,6 +169,7 @@ class UpstreamSettings:
 SQLITE_URL_PREFIX = "sqlite:///"
 POSTGRES_URL_PREFIXES = ("postgresql://", "postgres://")
 STORE_URL_PREFIXES = (SQLITE_URL_PREFIX, *POSTGRES_URL_PREFIXES)
+JOURNAL_DEFAULT = "usage-proxy.journal"  # next to the config file, as a relative SQLite path
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +180,9 @@ class StoreSettings:
     pool_timeout_s: float = 5.0  # PostgreSQL: wait this long for a free connection, then 503
     settle_retry_s: float = 60.0  # a settlement the store refused is tried again this long
     sweep_interval_s: float = 30.0  # how often expired reservations are looked for
+    # PostgreSQL: the replica's own journal file, for admitting from leases (store/leases.py);
+    # "" for none (every admission and settlement then commits in a batch first)
+    journal: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +250,7 @@ def load_settings(path: Path, env: Mapping[str, str] | None = None) -> Settings:
         pool_timeout_s=st.number("pool_timeout_s", 5.0, minimum=0.001),
         settle_retry_s=st.number("settle_retry_s", 60.0, minimum=0),
         sweep_interval_s=st.number("sweep_interval_s", 30.0, minimum=0.01),
+        journal=_resolve_path(st.get("journal", str, JOURNAL_DEFAULT), base_dir),
     )
     if not store.url.startswith(STORE_URL_PREFIXES):
         raise st.fail("url", "must start with sqlite:/// or postgresql://")
@@ -282,6 +287,11 @@ def load_settings(path: Path, env: Mapping[str, str] | None = None) -> Settings:
         admin_token=env.get(token_env, ""),
         demo=bool(top.data.get("demo", False)),
     )
+
+
+def _resolve_path(path: str, base_dir: Path) -> str:
+    """A relative path is relative to the config file; "" stays "" (none)."""
+    return str((base_dir / path).resolve()) if path else ""
 
 
 def _resolve_store_url(url: str, base_dir: Path) -> str:

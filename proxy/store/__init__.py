@@ -18,7 +18,10 @@ async def open_store(settings: StoreSettings) -> Store:
         from proxy.store.postgres import open_postgres
 
         return await open_postgres(
-            url, pool_size=settings.pool_size, pool_timeout_s=settings.pool_timeout_s
+            url,
+            pool_size=settings.pool_size,
+            pool_timeout_s=settings.pool_timeout_s,
+            journal_path=settings.journal,
         )
     raise ValueError(
         f"unsupported store url: {url.split(':', 1)[0]}:// (sqlite:/// or postgresql://)"

@@ -33,16 +33,36 @@ caller learns what it did (`to_its_end`).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING, Any, TypeVar
 
+import asyncpg
 import structlog
 
-from proxy.ledger import Admitted, Months, Window, month_of, next_month
+from proxy.ledger import SESSION, Admitted, Months, Window, month_of, next_month
 from proxy.settings import Tier
-from proxy.store.base import Admission, AdmissionRequest, Settled, Settlement, StoreUnavailable
+from proxy.store.base import (
+    Admission,
+    AdmissionRequest,
+    MemberStatus,
+    Settled,
+    Settlement,
+    StoreUnavailable,
+)
 from proxy.store.books import Copy, _money_of
+from proxy.store.journal import Journal, read_records
+from proxy.store.leases import (
+    APPLIED_SQL,
+    APPLY_AFTER_S,
+    EXPIRE_SQL,
+    RENEW_SQL,
+    Lease,
+    Leases,
+    Queued,
+    journal_name,
+    statements_in_order,
+)
 from proxy.store.sql import (
     _SEAT_COLUMNS,
     _SEAT_JOINS,
@@ -58,6 +78,7 @@ if TYPE_CHECKING:
     from proxy.store.postgres import PostgresDatabase, PostgresTx
 
 log = structlog.get_logger("proxy.store")
+R = TypeVar("R")
 
 # A batch takes at most this many waiting steps; the rest wait for the next.
 BATCH_STEPS_MAX = 64
@@ -79,11 +100,46 @@ class _Waiting:
     answer: asyncio.Future[Any]
 
 
+def _gives_leases_back(step: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
+    async def run(store: BatchedStore, *args: Any, **kwargs: Any) -> R:
+        try:
+            return await step(store, *args, **kwargs)
+        finally:
+            if store.leases is not None:
+                store.leases.give_back_all()
+                store._records_written()
+
+    run.__name__ = run.__qualname__ = step.__name__
+    run.__doc__ = step.__doc__
+    return run
+
+
+async def _apply(tx: PostgresTx, records: list[Queued], journal: str) -> None:
+    """Run the journal's records (in the batch's transaction), each statement's rows at once
+    (`statements_in_order`), and record the last one's number with them. A record that breaks
+    a constraint can never apply (a bug): then each runs alone, and those that fail are logged
+    and left out."""
+    try:
+        async with tx.savepoint():
+            for sql, rows in statements_in_order(records):
+                await tx.executemany(sql, rows)
+    except (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError):
+        for record in records:
+            try:
+                async with tx.savepoint():
+                    for sql, params in record.statements:
+                        await tx.execute(sql, params)
+            except (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError) as exc:
+                log.error("journal_record_failed", seq=record.seq, error=str(exc))
+    await tx.execute(APPLIED_SQL, (journal, records[-1].seq))
+
+
 class BatchedStore(SqlStore):
     """`SqlStore` on PostgreSQL with admissions and settlements committed in batches (the
-    counters below say how many: /metrics reads them, metrics.py)."""
+    counters below say how many: /metrics reads them, metrics.py), and, given a journal file,
+    decided in memory from leases (leases.py) wherever they can be."""
 
-    def __init__(self, db: PostgresDatabase) -> None:
+    def __init__(self, db: PostgresDatabase, journal: Journal | None = None) -> None:
         super().__init__(db)
         self._pg = db
         self._waiting: list[_Waiting] = []
@@ -91,19 +147,45 @@ class BatchedStore(SqlStore):
         self._running = 0  # batches
         self._admitted: dict[str, int] = {}  # request id -> member, until its settlement
         self._tasks = Tasks()
+        self.leases = (
+            Leases(self, journal, journal_name(journal.path), 0) if journal is not None else None
+        )
+        self._apply_timer: asyncio.TimerHandle | None = None
+        self._apply_wanted = False  # the records waiting are due: a batch applies them
+        self._applied_seq = 0  # the journal's last record in the tables
+        self._flushes: list[tuple[int, asyncio.Future[None]]] = []
         self.batches_committed = 0
         self.steps_committed = 0
         self.steps_alone = 0  # left by their batch to a transaction of their own
 
     async def admit(self, request: AdmissionRequest, tiers: Mapping[str, Tier]) -> Admission:
+        leases = self.leases
+        if leases is not None:
+            from_lease = leases.admit(request, tiers)
+            if from_lease is not None:
+                self._records_written()
+                return from_lease
         admission: Admission = await self._in_batch(request, request.member_id, tiers)
         if isinstance(admission.decision, Admitted):
             self._admitted[request.request_id] = request.member_id
         return admission
 
     async def settle(self, settlement: Settlement, tiers: Mapping[str, Tier]) -> Settled | None:
-        member_id = self._admitted.pop(settlement.request_id, None)  # a retry: None
-        settled: Settled | None = await self._in_batch(settlement, member_id, tiers)
+        request_id = settlement.request_id
+        leases = self.leases
+        if leases is not None:
+            from_lease = leases.settle(settlement)
+            if from_lease is not None:
+                self._records_written()
+                return from_lease
+            member_id = leases.member_of(request_id)
+            if member_id is not None:
+                self._admitted[request_id] = member_id
+        # the member, kept until the settlement is in (a retry after a failure knows it too)
+        settled: Settled | None = await self._in_batch(
+            settlement, self._admitted.get(request_id), tiers
+        )
+        self._admitted.pop(request_id, None)
         return settled
 
     async def _in_batch(
@@ -119,24 +201,36 @@ class BatchedStore(SqlStore):
         that no running batch has, up to BATCH_STEPS_MAX, in the order they came: the batches
         of one process never find each other's rows held, and a member's steps keep their
         order. A settlement whose member is not known here (a retried one: member None)
-        counts as one more member."""
-        while self._waiting and self._running < BATCHES_RUNNING_MAX:
+        counts as one more member. Each batch applies first the journal's records of members
+        no other running batch has (a batch of records alone once they are due), after giving
+        back the leases of the members it admits."""
+        while self._running < BATCHES_RUNNING_MAX:
             batch: list[_Waiting] = []
             later: list[_Waiting] = []
             for waiting in self._waiting:
                 ready = waiting.member_id not in self._busy and len(batch) < BATCH_STEPS_MAX
                 (batch if ready else later).append(waiting)
-            if not batch:
+            records: list[Queued] = []
+            if self.leases is not None and (batch or self._apply_wanted):
+                for waiting in batch:  # the exact decision counts their headroom as free
+                    if isinstance(waiting.step, AdmissionRequest):
+                        self.leases.give_back(waiting.step.member_id)
+                records = self.leases.take_records(self._busy)
+                self._apply_wanted = self.leases.records_waiting  # left for a later batch
+            if not batch and not records:
                 return
             self._waiting = later
             members = {waiting.member_id for waiting in batch}
+            members.update(record.member_id for record in records)
             self._busy |= members
             self._running += 1
-            self._tasks.spawn(self._run(batch, members), name="store batch")
+            self._tasks.spawn(self._run(batch, members, records), name="store batch")
 
-    async def _run(self, batch: list[_Waiting], members: set[int | None]) -> None:
+    async def _run(
+        self, batch: list[_Waiting], members: set[int | None], records: list[Queued]
+    ) -> None:
         try:
-            await self._commit(batch)
+            await self._commit(batch, records)
         except BaseException as exc:  # cancelled (the loop is closing): no step waits forever
             for waiting in batch:
                 if not waiting.answer.done():
@@ -147,22 +241,29 @@ class BatchedStore(SqlStore):
             self._running -= 1
         self._start_batches()
 
-    async def _commit(self, batch: list[_Waiting]) -> None:
-        """Answer every step of the batch: in one transaction, or (see `_alone`) on its own."""
+    async def _commit(self, batch: list[_Waiting], records: list[Queued]) -> None:
+        """Answer every step of the batch: in one transaction, or (see `_alone`) on its own.
+        The records go in with the steps; if the steps cannot, without them."""
         for attempt in range(1, RETRIES_MAX + 1):
             try:
-                answers = await self._once(batch)
+                answers, leases_taken = await self._once(batch, records)
             except Exception as exc:
                 if attempt < RETRIES_MAX and self._pg.retryable(exc):
                     log.info("transaction_retried", step="batch", attempt=attempt)
                     await asyncio.sleep(0.001 * 2**attempt)
                     continue
+                if batch and records and not isinstance(exc, StoreUnavailable):
+                    await self._commit([], records)  # the steps below run after their records
+                    records = []
+                elif records:
+                    self._unapplied(records, exc)
                 if len(batch) > 1 and not isinstance(exc, StoreUnavailable):
                     answers = [_ALONE] * len(batch)  # a step that cannot succeed fails alone
                     break
                 for waiting in batch:
                     waiting.answer.set_exception(exc)
                 return
+            self._applied(records, leases_taken)
             self.batches_committed += 1
             self.steps_committed += sum(answer is not _ALONE for answer in answers)
             break
@@ -171,18 +272,171 @@ class BatchedStore(SqlStore):
                 self.steps_alone += 1
                 self._tasks.spawn(self._alone(waiting), name="store step")
             else:
+                self._overran(answer)
                 waiting.answer.set_result(answer)
 
-    async def _once(self, batch: list[_Waiting]) -> list[Any]:
-        """The batch's transaction: each step's answer, or _ALONE for a step it did not run."""
+    async def _once(
+        self, batch: list[_Waiting], records: list[Queued]
+    ) -> tuple[list[Any], list[Lease]]:
+        """The batch's transaction: the journal's records first, then each step's answer, or
+        _ALONE for a step it did not run; and the leases it took."""
+        leases = self.leases
+        leases_taken: list[Lease] = []
+        answers: list[Any] = []
+        renewing = leases.renewing() if leases is not None else (0.0, 0.0, [])
         async with self._pg.kept_transaction() as tx:
-            books = _Batch(self._pg, tx, self._months)
-            locked = await books.lock([waiting.step for waiting in batch])
-            answers: list[Any] = []
-            for waiting, ready in zip(batch, locked, strict=True):
-                answers.append(await _run_step(books, waiting) if ready else _ALONE)
-            await books.held.send()
-        return answers
+            if leases is not None and records:
+                await _apply(tx, records, leases.name)
+            if renewing[2]:
+                await tx.execute(RENEW_SQL, renewing[1:])
+            if batch:
+                books = _Batch(self._pg, tx, self._months)
+                locked = await books.lock([waiting.step for waiting in batch])
+                for waiting, ready in zip(batch, locked, strict=True):
+                    answers.append(await _run_step(books, waiting) if ready else _ALONE)
+                if leases is not None:
+                    leases_taken = await books.take_leases(leases, batch, answers)
+                await books.held.send()
+        if leases is not None and renewing[2]:
+            leases.renewed(renewing[0], renewing[2])
+        return answers, leases_taken
+
+    # -- the journal of the steps decided from leases
+
+    def _records_written(self) -> None:
+        """A step decided from a lease wrote its record: a batch applies it within
+        APPLY_AFTER_S."""
+        if self._apply_timer is None:
+            loop = asyncio.get_running_loop()
+            self._apply_timer = loop.call_later(APPLY_AFTER_S, self._apply_due)
+
+    def _apply_due(self) -> None:
+        self._apply_timer = None
+        assert self.leases is not None
+        self.leases.give_back_idle()
+        self._apply_wanted = self.leases.records_waiting
+        self._start_batches()
+
+    def _applied(self, records: list[Queued], leases_taken: list[Lease]) -> None:
+        leases = self.leases
+        if leases is None:
+            return
+        for lease in leases_taken:
+            leases.hold(lease)
+        if records:
+            self._applied_seq = max(self._applied_seq, records[-1].seq)
+            leases.after_apply()
+        self._wake_flushes(None)
+        if leases.records_waiting:
+            self._records_written()
+
+    def _unapplied(self, records: list[Queued], exc: BaseException) -> None:
+        """The records did not reach the tables: they wait, and are tried again."""
+        assert self.leases is not None
+        self.leases.unapplied(records)
+        log.warning("journal_apply_failed", records=len(records), error=str(exc))
+        self._wake_flushes(exc if isinstance(exc, StoreUnavailable) else None)
+        self._records_written()
+
+    def _wake_flushes(self, failure: BaseException | None) -> None:
+        waiting, self._flushes = self._flushes, []
+        for seq, done in waiting:
+            if done.done():
+                continue
+            if seq <= self._applied_seq:
+                done.set_result(None)
+            elif failure is not None:
+                done.set_exception(failure)
+            else:
+                self._flushes.append((seq, done))
+
+    async def flush(self) -> None:
+        """Wait until every record written so far is in the tables (a read sees them)."""
+        leases = self.leases
+        if leases is None or leases.last_seq <= self._applied_seq:
+            return
+        done = asyncio.get_running_loop().create_future()
+        self._flushes.append((leases.last_seq, done))
+        self._apply_wanted = True
+        self._start_batches()
+        await done
+
+    async def replay(self) -> None:
+        """At start-up: apply what the journal holds past its last record in the tables."""
+        leases = self.leases
+        if leases is None:
+            return
+        records = read_records(leases.journal.path)
+        async with self._pg.kept_transaction() as tx:
+            row = await tx.fetchrow(
+                "SELECT seq FROM journals_applied WHERE journal = ?", (leases.name,)
+            )
+            applied_seq = row[0] if row else 0
+            waiting = [Queued(seq, 0, statements) for seq, statements in records]
+            waiting = [record for record in waiting if record.seq > applied_seq]
+            if waiting:
+                await _apply(tx, waiting, leases.name)
+                log.info("journal_replayed", records=len(waiting), last_seq=waiting[-1].seq)
+        last_seq = max([applied_seq, *(seq for seq, _ in records)])
+        leases.restart_at(last_seq)
+        self._applied_seq = last_seq
+        leases.journal.truncate()
+
+    async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        await self.flush()  # a read sees the steps this replica acknowledged
+        return await super()._read(sql, params)
+
+    async def member_status(
+        self, member_id: int, tiers: Mapping[str, Tier], now_s: float
+    ) -> MemberStatus:
+        await self.flush()
+        status = await super().member_status(member_id, tiers, now_s)
+        return await self._leases_left_out(member_id, status)
+
+    async def continue_extra_usage(
+        self, member_id: int, tiers: Mapping[str, Tier], now_s: float
+    ) -> MemberStatus:
+        await self.flush()
+        status = await super().continue_extra_usage(member_id, tiers, now_s)
+        return await self._leases_left_out(member_id, status)
+
+    async def _leases_left_out(self, member_id: int, status: MemberStatus) -> MemberStatus:
+        """The status with the windows' reserved amounts those of the requests in flight: the
+        leases that any replica holds in them are headroom set aside, not spent."""
+        rows = await super()._read(
+            "SELECT session_started_at_s, weekly_started_at_s, amount_nanos FROM leases "
+            "WHERE member_id = ?",
+            (member_id,),
+        )
+        by_kind = dict(status.windows.by_kind)
+        for kind, window in by_kind.items():
+            leased_nanos = sum(
+                amount
+                for session_start, weekly_start, amount in rows
+                if window.started_at_s == (session_start if kind == SESSION else weekly_start)
+            )
+            if leased_nanos:
+                by_kind[kind] = replace(window, reserved_nanos=window.reserved_nanos - leased_nanos)
+        return replace(status, windows=replace(status.windows, by_kind=by_kind))
+
+    async def expire_pending(self, now_s: float) -> int:
+        """Also end the leases no replica renewed (their replica stopped), and return this
+        replica's idle ones."""
+        if self.leases is not None:
+            self.leases.give_back_idle()
+            if self.leases.records_waiting:
+                self._records_written()
+        async with self._pg.transaction() as tx:
+            await tx.execute(EXPIRE_SQL, (now_s,))
+        return await super().expire_pending(now_s)
+
+    def _overran(self, answer: Any) -> None:
+        """A settlement that cost more than the windows had left (an estimate short of the
+        truth) may have used them up: the member's lease goes back, and the next admission is
+        decided exactly, as it would be without leases."""
+        if self.leases is not None and isinstance(answer, Settled) and answer.split.overrun_nanos:
+            self.leases.give_back(answer.member_id)
+            self._records_written()
 
     async def _alone(self, waiting: _Waiting) -> None:
         """A step in a transaction of its own, as `SqlStore` runs it: one whose rows another
@@ -193,11 +447,30 @@ class BatchedStore(SqlStore):
         except Exception as exc:
             waiting.answer.set_exception(exc)
         else:
+            self._overran(answer)
             waiting.answer.set_result(answer)
 
     async def close(self) -> None:
         await self._tasks.drain()  # the batch running, and the steps waiting for the next
+        if self.leases is not None:
+            self.leases.give_back_all()
+            try:
+                await self.flush()
+            except StoreUnavailable as exc:  # the records stay in the journal for the next start
+                log.error("journal_not_applied_at_close", error=str(exc))
+            if self._apply_timer is not None:
+                self._apply_timer.cancel()
+            self.leases.journal.close()
         await super().close()
+
+    # Admin changes made here reach this replica's leases at once (they reach the other
+    # replicas' within LEASE_AGE_MAX_S): each gives the leases back.
+    apply_orgs = _gives_leases_back(SqlStore.apply_orgs)
+    update_org = _gives_leases_back(SqlStore.update_org)
+    set_tier_limit = _gives_leases_back(SqlStore.set_tier_limit)
+    update_member = _gives_leases_back(SqlStore.update_member)
+    remove_member = _gives_leases_back(SqlStore.remove_member)
+    revoke_key = _gives_leases_back(SqlStore.revoke_key)
 
 
 async def _run_step(store: SqlStore, waiting: _Waiting) -> Any:
@@ -318,6 +591,40 @@ class _Batch(Copy):
                 for key in ((seat.org_id, 0, month), (seat.org_id, seat.member_id, month)):
                     self._spent[key] = spent.get(key, (0, 0))
         return locked
+
+    async def take_leases(
+        self, leases: Leases, batch: list[_Waiting], answers: list[Any]
+    ) -> list[Lease]:
+        """Leases for the members this batch admitted on included quota and refused nothing
+        (near a limit every step is decided here), sized on their books as the batch leaves
+        them: their rows, and their amounts in the windows."""
+        admitted: dict[int, tuple[_Waiting, Admission]] = {}
+        refused: set[int] = set()
+        for waiting, answer in zip(batch, answers, strict=True):
+            step = waiting.step
+            if isinstance(step, AdmissionRequest) and isinstance(answer, Admission):
+                if isinstance(answer.decision, Admitted):
+                    admitted[step.member_id] = (waiting, answer)
+                else:
+                    refused.add(step.member_id)
+        taken = []
+        for member_id, (waiting, admission) in admitted.items():
+            seat, stored = self._seats.get(member_id), self._windows.get(member_id)
+            if member_id in refused or seat is None or stored is None:
+                continue
+            if not leases.wants(member_id):
+                continue
+            step = waiting.step
+            assert isinstance(step, AdmissionRequest)
+            tier = waiting.tiers[seat.tier]
+            offer = leases.offer(seat, tier, admission, stored, step.worst_case_nanos)
+            if offer is None:
+                continue
+            lease, (sql, params) = offer
+            await self.held.execute(sql, params)
+            await self._move_windows(self.held, member_id, lease.starts, 0, lease.remaining_nanos)
+            taken.append(lease)
+        return taken
 
     def _forget_org(self, org_id: str) -> None:
         """Forget the org's money and month spend, and its members' seats (which carry them)."""

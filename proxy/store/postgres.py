@@ -21,13 +21,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 from importlib import resources
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
+import structlog
 
 from proxy.store.base import StoreUnavailable
 from proxy.store.batches import BatchedStore
+from proxy.store.journal import Journal
+
+log = structlog.get_logger("proxy.store")
 
 # What a lost or refused connection raises; a query's own errors (constraints...) are not here.
 UNREACHABLE = (
@@ -69,7 +74,11 @@ def safe_url(url: str) -> str:
     return f"{parts.scheme}://{user}{host}{port}{parts.path}"
 
 
-async def open_postgres(url: str, *, pool_size: int, pool_timeout_s: float) -> BatchedStore:
+async def open_postgres(
+    url: str, *, pool_size: int, pool_timeout_s: float, journal_path: str = ""
+) -> BatchedStore:
+    """The store; with `journal_path`, it admits and settles from leases (leases.py), its
+    steps written to that file first (a second process on the same file gets no leases)."""
     settings = {"statement_cache_size": 512, "timeout": pool_timeout_s}  # timeout: connecting
     try:
         pool = await asyncpg.create_pool(
@@ -84,12 +93,22 @@ async def open_postgres(url: str, *, pool_size: int, pool_timeout_s: float) -> B
         raise StoreUnavailable(f"cannot connect to {safe_url(url)}: {exc}") from exc
     kept = partial(asyncpg.connect, url, server_settings=KEPT_SERVER_SETTINGS, **settings)
     db = PostgresDatabase(pool, pool_timeout_s, kept)
+    journal = None
     try:
         await db.migrate()
+        if journal_path:
+            Path(journal_path).parent.mkdir(parents=True, exist_ok=True)
+            journal = Journal.open(journal_path)
+            if journal is None:
+                log.warning("journal_held_elsewhere", journal=journal_path, leases="off")
+        store = BatchedStore(db, journal)
+        await store.replay()
     except BaseException:
+        if journal is not None:
+            journal.close()
         await db.close()
         raise
-    return BatchedStore(db)
+    return store
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
@@ -142,6 +161,10 @@ class PostgresTx:
 
     async def fetchrow(self, sql: str, params: Sequence[Any] = ()) -> Any | None:
         return await self._conn.fetchrow(self._sql(sql), *params)
+
+    def savepoint(self) -> asyncpg.transaction.Transaction:
+        """A savepoint in the transaction: what fails inside rolls back alone."""
+        return self._conn.transaction()
 
     async def lock_org(self, org_id: str) -> bool:
         await self._conn.execute("SELECT 1 FROM orgs WHERE id = $1 FOR UPDATE", org_id)

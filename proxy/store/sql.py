@@ -45,6 +45,7 @@ from proxy.ledger import (
     MemberState,
     Months,
     ReloadOrder,
+    Split,
     Unaffordable,
     Window,
     Windows,
@@ -356,7 +357,6 @@ class SqlStore:
     @_atomic
     async def settle(self, settlement: Settlement, tiers: Mapping[str, Tier]) -> Settled | None:
         s = settlement
-        usage = s.usage or Usage()
         async with self._step() as db:
             found = await self._settling(db, s.request_id)
             if found is None:  # settled already
@@ -378,36 +378,7 @@ class SqlStore:
             reload = await self._post_extra(
                 db, seat, p.month, p.model, s, split.extra_nanos, extra_reserved_nanos
             )
-            await db.execute(
-                """UPDATE requests SET status = ?, input_tokens = ?, output_tokens = ?,
-                       cache_creation_5m_input_tokens = ?, cache_creation_1h_input_tokens = ?,
-                       cache_read_input_tokens = ?, web_search_requests = ?, speed = ?,
-                       output_estimated = ?, cost_nanos = ?, included_nanos = ?, extra_nanos = ?,
-                       overrun_nanos = ?, upstream_status = ?, outcome = ?, settled_at_s = ?,
-                       upstream_ms = ?, duration_ms = ?
-                   WHERE id = ?""",
-                (
-                    "posted" if s.usage is not None else "voided",
-                    usage.input_tokens,
-                    usage.output_tokens,
-                    usage.cache_creation_5m_input_tokens,
-                    usage.cache_creation_1h_input_tokens,
-                    usage.cache_read_input_tokens,
-                    usage.web_search_requests,
-                    usage.speed,
-                    int(usage.output_estimated),
-                    s.cost_nanos,
-                    split.included_nanos,
-                    split.extra_nanos,
-                    split.overrun_nanos,
-                    s.upstream_status,
-                    s.outcome,
-                    s.settled_at_s,
-                    s.upstream_ms,
-                    s.duration_ms,
-                    s.request_id,
-                ),
-            )
+            await self._record_settlement(db, s, split)
             return Settled(
                 org_id,
                 member_id,
@@ -425,6 +396,40 @@ class SqlStore:
                 if seat.webhook_url
                 else None,
             )
+
+    async def _record_settlement(self, db: Tx, s: Settlement, split: Split) -> None:
+        """The request's row, posted (or voided) with what it cost and how the charge split."""
+        usage = s.usage or Usage()
+        await db.execute(
+            """UPDATE requests SET status = ?, input_tokens = ?, output_tokens = ?,
+                   cache_creation_5m_input_tokens = ?, cache_creation_1h_input_tokens = ?,
+                   cache_read_input_tokens = ?, web_search_requests = ?, speed = ?,
+                   output_estimated = ?, cost_nanos = ?, included_nanos = ?, extra_nanos = ?,
+                   overrun_nanos = ?, upstream_status = ?, outcome = ?, settled_at_s = ?,
+                   upstream_ms = ?, duration_ms = ?
+               WHERE id = ?""",
+            (
+                "posted" if s.usage is not None else "voided",
+                usage.input_tokens,
+                usage.output_tokens,
+                usage.cache_creation_5m_input_tokens,
+                usage.cache_creation_1h_input_tokens,
+                usage.cache_read_input_tokens,
+                usage.web_search_requests,
+                usage.speed,
+                int(usage.output_estimated),
+                s.cost_nanos,
+                split.included_nanos,
+                split.extra_nanos,
+                split.overrun_nanos,
+                s.upstream_status,
+                s.outcome,
+                s.settled_at_s,
+                s.upstream_ms,
+                s.duration_ms,
+                s.request_id,
+            ),
+        )
 
     async def _post_extra(
         self,

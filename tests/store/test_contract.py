@@ -28,20 +28,23 @@ TIERS = PLANS.tiers
 NOW_S = 1_767_225_600.0
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", "postgresql", "postgresql-leases"])
 async def make_store(request: pytest.FixtureRequest, tmp_path: Path):
     """Open a fresh store of the parametrized backend with an orgs file applied (once a test:
-    PostgreSQL gets a schema of its own for it)."""
+    PostgreSQL gets a schema of its own for it; with a journal, it admits from leases)."""
     async with contextlib.AsyncExitStack() as stack:
-        if request.param == "postgresql":
+        journal = ""
+        if request.param.startswith("postgresql"):
             url = await stack.enter_async_context(postgres_schema())
+            if request.param == "postgresql-leases":
+                journal = str(tmp_path / "replica.journal")
         else:
             url = f"sqlite:///{tmp_path / 'contract.db'}"
         opened: list[Store] = []
 
         async def make(orgs: str = DEFAULT_ORGS) -> Store:
             assert not opened, "one store per test"
-            store = await open_store(StoreSettings(url=url))
+            store = await open_store(StoreSettings(url=url, journal=journal))
             opened.append(store)
             await store.apply_orgs(parse_orgs(tomllib.loads(orgs), "orgs.toml", PLANS), NOW_S)
             return store
