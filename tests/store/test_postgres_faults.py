@@ -101,7 +101,9 @@ async def stream(proxy: TestServer, started: asyncio.Event | None = None) -> int
         return response.status
 
 
-async def post(proxy: TestServer, path: str = "/v1/messages") -> tuple[int, dict]:
+async def post(
+    proxy: TestServer, path: str = "/v1/messages", key: str = ALICE_KEY
+) -> tuple[int, dict]:
     async with aiohttp.ClientSession() as http:
         if path == "/readyz":
             response = await http.get(proxy.make_url(path))
@@ -109,7 +111,7 @@ async def post(proxy: TestServer, path: str = "/v1/messages") -> tuple[int, dict
             response = await http.post(
                 proxy.make_url(path),
                 data=STREAM.replace(b"true", b"false"),
-                headers={"x-api-key": ALICE_KEY},
+                headers={"x-api-key": key},
             )
         return response.status, await response.json()
 
@@ -124,10 +126,12 @@ async def test_a_store_restart_mid_load_fails_new_requests_cleanly_and_loses_no_
     await asyncio.gather(*(event.wait() for event in events))  # all admitted, relaying
 
     await relay.stop()  # the database goes away while 8 streams run
-    status, body = await post(proxy)
+    status, body = await post(proxy, key=BOB_KEY)  # no lease: his admission needs the server
     assert status == 503 and body["error"]["type"] == "api_error"
     assert "nothing was charged" in body["error"]["message"]
     assert (await post(proxy, "/readyz"))[0] == 503
+    # alice's lease (taken with her first request) admits her from memory, into the journal
+    assert (await post(proxy))[0] == 200
     assert await asyncio.gather(*streams) == [200] * 8  # the answers never needed the store
 
     await asyncio.sleep(0.3)  # their settlements are refused meanwhile, and retried
@@ -141,8 +145,8 @@ async def test_a_store_restart_mid_load_fails_new_requests_cleanly_and_loses_no_
             break
         await asyncio.sleep(0.05)
     records = await store.recent_requests(50)
-    # 1 + 8 + 1 answered requests, each posted once; the refused one was never admitted
-    assert [r.status for r in records] == ["posted"] * 10
+    # 1 + 8 + 1 + 1 answered requests, each posted once; the refused one was never admitted
+    assert [r.status for r in records] == ["posted"] * 11
     assert all(r.cost_nanos > 0 for r in records)
     verification = await store.verify(clock.now_s() + 3600)
     assert verification.mismatches == () and verification.pending_reservations == 0
@@ -151,7 +155,8 @@ async def test_a_store_restart_mid_load_fails_new_requests_cleanly_and_loses_no_
 async def test_an_exhausted_pool_makes_requests_wait_then_answers_a_clear_503(
     start_proxy, postgres_url: str
 ) -> None:
-    proxy = await start_proxy(store="pool_size = 1\npool_timeout_s = 0.3")
+    # without a journal, so without leases: every admission goes through the server
+    proxy = await start_proxy(store='pool_size = 1\npool_timeout_s = 0.3\njournal = ""')
     assert (await post(proxy))[0] == 200
     await quiet(proxy)  # its settlement, which follows the answer, must not be the one waiting
     holder = await asyncpg.connect(postgres_url)
