@@ -230,7 +230,7 @@ class BatchedStore(SqlStore):
         self, batch: list[_Waiting], members: set[int | None], records: list[Queued]
     ) -> None:
         try:
-            await self._commit(batch, records)
+            await self._commit(batch, records, members)
         except BaseException as exc:  # cancelled (the loop is closing): no step waits forever
             for waiting in batch:
                 if not waiting.answer.done():
@@ -241,19 +241,21 @@ class BatchedStore(SqlStore):
             self._running -= 1
         self._start_batches()
 
-    async def _commit(self, batch: list[_Waiting], records: list[Queued]) -> None:
+    async def _commit(
+        self, batch: list[_Waiting], records: list[Queued], members: set[int | None]
+    ) -> None:
         """Answer every step of the batch: in one transaction, or (see `_alone`) on its own.
         The records go in with the steps; if the steps cannot, without them."""
         for attempt in range(1, RETRIES_MAX + 1):
             try:
-                answers, leases_taken = await self._once(batch, records)
+                answers, leases_taken = await self._once(batch, records, members)
             except Exception as exc:
                 if attempt < RETRIES_MAX and self._pg.retryable(exc):
                     log.info("transaction_retried", step="batch", attempt=attempt)
                     await asyncio.sleep(0.001 * 2**attempt)
                     continue
                 if batch and records and not isinstance(exc, StoreUnavailable):
-                    await self._commit([], records)  # the steps below run after their records
+                    await self._commit([], records, members)  # the steps below run after them
                     records = []
                 elif records:
                     self._unapplied(records, exc)
@@ -276,14 +278,14 @@ class BatchedStore(SqlStore):
                 waiting.answer.set_result(answer)
 
     async def _once(
-        self, batch: list[_Waiting], records: list[Queued]
+        self, batch: list[_Waiting], records: list[Queued], members: set[int | None]
     ) -> tuple[list[Any], list[Lease]]:
         """The batch's transaction: the journal's records first, then each step's answer, or
         _ALONE for a step it did not run; and the leases it took."""
         leases = self.leases
         leases_taken: list[Lease] = []
         answers: list[Any] = []
-        renewing = leases.renewing() if leases is not None else (0.0, 0.0, [])
+        renewing = leases.renewing(members) if leases is not None else (0.0, 0.0, [])
         async with self._pg.kept_transaction() as tx:
             if leases is not None and records:
                 await _apply(tx, records, leases.name)

@@ -397,9 +397,12 @@ class Leases:
         """A batch that carried these records did not commit: they wait again, first."""
         self._queue[:0] = records
 
-    def renewing(self) -> tuple[float, float, list[str]]:
-        """A batch renews the leases: from when (monotonic), their new expiry, and their ids."""
-        ids = [lease.lease_id for lease in self._by_member.values()]
+    def renewing(self, members: set[int | None]) -> tuple[float, float, list[str]]:
+        """A batch renews the leases of its members (a lease in use has a record in every
+        batch that applies): from when (monotonic), their new expiry, and their ids. (Not
+        every lease: two batches at once would each wait for the other's rows.)"""
+        by_member = self._by_member
+        ids = [by_member[m].lease_id for m in members if m in by_member]  # type: ignore[index]
         return time.monotonic(), self._clock.now_s() + LEASE_TTL_S, ids
 
     def renewed(self, at_s: float, lease_ids: list[str]) -> None:
