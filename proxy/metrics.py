@@ -235,7 +235,8 @@ class _Families:
 
 class _StoreBatches:
     """The PostgreSQL store's group commit (store/batches.py), read at each scrape: steps over
-    batches is the steps a batch; steps alone are those whose rows another transaction held."""
+    batches is the steps a batch; steps alone are those whose rows another transaction held;
+    leased steps never waited for a batch."""
 
     def __init__(self) -> None:
         self.store: BatchedStore | None = None
@@ -260,6 +261,12 @@ class _StoreBatches:
                 "Admissions and settlements that a batch left to a transaction of "
                 "their own (their rows were held elsewhere, or their batch failed).",
                 self.store.steps_alone,
+            ),
+            (
+                "leased_steps",
+                "Admissions and settlements decided in memory from a lease, their records "
+                "applied in later batches (store/leases.py).",
+                self.store.steps_leased,
             ),
         ):
             yield CounterMetricFamily(f"usage_proxy_store_{name}", text, value=value)

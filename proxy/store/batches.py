@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import asyncpg
 import structlog
 
-from proxy.ledger import SESSION, Admitted, Months, Window, month_of, next_month
+from proxy.ledger import INCLUDED, SESSION, Admitted, Months, Window, month_of, next_month
 from proxy.settings import Tier
 from proxy.store.base import (
     Admission,
@@ -157,12 +157,14 @@ class BatchedStore(SqlStore):
         self.batches_committed = 0
         self.steps_committed = 0
         self.steps_alone = 0  # left by their batch to a transaction of their own
+        self.steps_leased = 0  # decided in memory from a lease (leases.py)
 
     async def admit(self, request: AdmissionRequest, tiers: Mapping[str, Tier]) -> Admission:
         leases = self.leases
         if leases is not None:
             from_lease = leases.admit(request, tiers)
             if from_lease is not None:
+                self.steps_leased += 1
                 self._records_written()
                 return from_lease
         admission: Admission = await self._in_batch(request, request.member_id, tiers)
@@ -176,6 +178,8 @@ class BatchedStore(SqlStore):
         if leases is not None:
             from_lease = leases.settle(settlement)
             if from_lease is not None:
+                self._admitted.pop(request_id, None)  # admitted from a lease in a batch's wait
+                self.steps_leased += 1
                 self._records_written()
                 return from_lease
             member_id = leases.member_of(request_id)
@@ -204,6 +208,8 @@ class BatchedStore(SqlStore):
         counts as one more member. Each batch applies first the journal's records of members
         no other running batch has (a batch of records alone once they are due), after giving
         back the leases of the members it admits."""
+        if self.leases is not None and self._waiting:
+            self._waiting = self._decided_from_leases(self._waiting)
         while self._running < BATCHES_RUNNING_MAX:
             batch: list[_Waiting] = []
             later: list[_Waiting] = []
@@ -225,6 +231,25 @@ class BatchedStore(SqlStore):
             self._busy |= members
             self._running += 1
             self._tasks.spawn(self._run(batch, members, records), name="store batch")
+
+    def _decided_from_leases(self, waiting: list[_Waiting]) -> list[_Waiting]:
+        """Answer the waiting admissions that a lease taken meanwhile can decide (they came
+        while a batch took it); the others wait, and a member's admissions keep their order."""
+        assert self.leases is not None
+        left: list[_Waiting] = []
+        exact: set[int | None] = set()  # members with an admission the lease could not decide
+        for w in waiting:
+            step = w.step
+            if isinstance(step, AdmissionRequest) and step.member_id not in exact:
+                admission = self.leases.admit(step, w.tiers)
+                if admission is not None:
+                    self.steps_leased += 1
+                    self._records_written()
+                    w.answer.set_result(admission)
+                    continue
+                exact.add(step.member_id)
+            left.append(w)
+        return left
 
     async def _run(
         self, batch: list[_Waiting], members: set[int | None], records: list[Queued]
@@ -248,7 +273,7 @@ class BatchedStore(SqlStore):
         The records go in with the steps; if the steps cannot, without them."""
         for attempt in range(1, RETRIES_MAX + 1):
             try:
-                answers, leases_taken = await self._once(batch, records, members)
+                answers, leases_taken, within = await self._once(batch, records, members)
             except Exception as exc:
                 if attempt < RETRIES_MAX and self._pg.retryable(exc):
                     log.info("transaction_retried", step="batch", attempt=attempt)
@@ -274,17 +299,19 @@ class BatchedStore(SqlStore):
                 self.steps_alone += 1
                 self._tasks.spawn(self._alone(waiting), name="store step")
             else:
-                self._overran(answer)
+                self._settled_exactly(answer, within)
                 waiting.answer.set_result(answer)
 
     async def _once(
         self, batch: list[_Waiting], records: list[Queued], members: set[int | None]
-    ) -> tuple[list[Any], list[Lease]]:
+    ) -> tuple[list[Any], list[Lease], set[str]]:
         """The batch's transaction: the journal's records first, then each step's answer, or
-        _ALONE for a step it did not run; and the leases it took."""
+        _ALONE for a step it did not run; the leases it took, and the settlements on included
+        quota that cost no more than their reservation."""
         leases = self.leases
         leases_taken: list[Lease] = []
         answers: list[Any] = []
+        within: set[str] = set()
         renewing = leases.renewing(members) if leases is not None else (0.0, 0.0, [])
         async with self._pg.kept_transaction() as tx:
             if leases is not None and records:
@@ -295,13 +322,24 @@ class BatchedStore(SqlStore):
                 books = _Batch(self._pg, tx, self._months)
                 locked = await books.lock([waiting.step for waiting in batch])
                 for waiting, ready in zip(batch, locked, strict=True):
-                    answers.append(await _run_step(books, waiting) if ready else _ALONE)
+                    held = books.pending_of(waiting.step)
+                    answer = await _run_step(books, waiting) if ready else _ALONE
+                    answers.append(answer)
+                    if (
+                        held is not None
+                        and isinstance(answer, Settled)
+                        and held.billing == INCLUDED
+                    ):
+                        split = answer.split
+                        cost_nanos = split.included_nanos + split.extra_nanos + split.overrun_nanos
+                        if cost_nanos <= held.reserved_nanos:
+                            within.add(answer.request_id)
                 if leases is not None:
                     leases_taken = await books.take_leases(leases, batch, answers)
                 await books.held.send()
         if leases is not None and renewing[2]:
             leases.renewed(renewing[0], renewing[2])
-        return answers, leases_taken
+        return answers, leases_taken, within
 
     # -- the journal of the steps decided from leases
 
@@ -432,11 +470,16 @@ class BatchedStore(SqlStore):
             await tx.execute(EXPIRE_SQL, (now_s,))
         return await super().expire_pending(now_s)
 
-    def _overran(self, answer: Any) -> None:
-        """A settlement that cost more than the windows had left (an estimate short of the
-        truth) may have used them up: the member's lease goes back, and the next admission is
-        decided exactly, as it would be without leases."""
-        if self.leases is not None and isinstance(answer, Settled) and answer.split.overrun_nanos:
+    def _settled_exactly(self, answer: Any, within: set[str]) -> None:
+        """A settlement decided in a batch: the member's lease sees what it posted. One that
+        cost more than its reservation (an estimate short of the truth), or billed extra usage,
+        may have left the windows less headroom than the lease holds: the lease goes back, and
+        the next admission is decided exactly, as it would be without leases."""
+        if self.leases is None or not isinstance(answer, Settled):
+            return
+        if answer.request_id in within:
+            self.leases.posted(answer.member_id, answer.split.included_nanos)
+        else:
             self.leases.give_back(answer.member_id)
             self._records_written()
 
@@ -449,20 +492,22 @@ class BatchedStore(SqlStore):
         except Exception as exc:
             waiting.answer.set_exception(exc)
         else:
-            self._overran(answer)
+            self._settled_exactly(answer, set())
             waiting.answer.set_result(answer)
 
     async def close(self) -> None:
         await self._tasks.drain()  # the batch running, and the steps waiting for the next
-        if self.leases is not None:
-            self.leases.give_back_all()
+        leases = self.leases
+        if leases is not None:
+            leases.give_back_all()
             try:
                 await self.flush()
             except StoreUnavailable as exc:  # the records stay in the journal for the next start
                 log.error("journal_not_applied_at_close", error=str(exc))
             if self._apply_timer is not None:
                 self._apply_timer.cancel()
-            self.leases.journal.close()
+            leases.journal.close()
+            self.leases = None  # closing twice closes nothing more
         await super().close()
 
     # Admin changes made here reach this replica's leases at once (they reach the other
@@ -593,6 +638,10 @@ class _Batch(Copy):
                 for key in ((seat.org_id, 0, month), (seat.org_id, seat.member_id, month)):
                     self._spent[key] = spent.get(key, (0, 0))
         return locked
+
+    def pending_of(self, step: AdmissionRequest | Settlement) -> Pending | None:
+        """What the admission of a request to settle held (before its settlement runs)."""
+        return self._pending.get(step.request_id) if isinstance(step, Settlement) else None
 
     async def take_leases(
         self, leases: Leases, batch: list[_Waiting], answers: list[Any]

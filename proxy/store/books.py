@@ -45,7 +45,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from proxy.ledger import Window, Windows
+from proxy.ledger import SESSION, Window, Windows
 from proxy.settings import Tier
 from proxy.store.base import Admission, AdmissionRequest, Settled, Settlement
 from proxy.store.journal import Statement
@@ -209,7 +209,8 @@ class Copy(SqlStore):
         newest = self._windows.get(member_id)
         if newest is not None:
             for kind, window in newest.items():
-                if window.started_at_s in starts:  # as the UPDATE's `started_at_s IN (?, ?)`
+                # as the UPDATE's WINDOWS_AT: the window of each kind that began at its start
+                if window.started_at_s == starts[kind != SESSION]:
                     newest[kind] = Window(
                         kind,
                         window.started_at_s,

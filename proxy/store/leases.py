@@ -68,7 +68,7 @@ from proxy.ledger import (
 from proxy.settings import Tier
 from proxy.store.base import Admission, AdmissionRequest, Settled, Settlement, StoreUnavailable
 from proxy.store.journal import Journal, Record, Statement
-from proxy.store.sql import Pending, SqlStore, Starts, _SeatRow, _starts
+from proxy.store.sql import WINDOWS_AT, Pending, SqlStore, Starts, _SeatRow, _starts
 
 log = structlog.get_logger("proxy.store")
 
@@ -89,15 +89,15 @@ TAKE_SQL = (
     "INSERT INTO leases (id, member_id, session_started_at_s, weekly_started_at_s, "
     "amount_nanos, expires_at_s) VALUES (?, ?, ?, ?, ?, ?)"
 )
-ADMIT_SQL = """WITH lease AS (
+ADMIT_SQL = f"""WITH lease AS (
     UPDATE leases SET amount_nanos = amount_nanos - ? WHERE id = ? RETURNING id)
 UPDATE windows SET reserved_nanos = reserved_nanos + ?
-WHERE member_id = ? AND started_at_s IN (?, ?) AND NOT EXISTS (SELECT 1 FROM lease)"""
-SETTLE_SQL = """WITH lease AS (
+WHERE member_id = ? AND {WINDOWS_AT} AND NOT EXISTS (SELECT 1 FROM lease)"""
+SETTLE_SQL = f"""WITH lease AS (
     UPDATE leases SET amount_nanos = amount_nanos + ? WHERE id = ? RETURNING id)
 UPDATE windows SET used_nanos = used_nanos + ?, reserved_nanos = reserved_nanos - ?
     + CASE WHEN EXISTS (SELECT 1 FROM lease) THEN ? ELSE 0 END
-WHERE member_id = ? AND started_at_s IN (?, ?)"""
+WHERE member_id = ? AND {WINDOWS_AT}"""
 # Ends leases (by id, or those expired) and takes what is left of them out of the windows.
 _END_SQL = """WITH ended AS (
     DELETE FROM leases WHERE {which}
@@ -105,7 +105,8 @@ _END_SQL = """WITH ended AS (
 ), freed AS (
     SELECT w.member_id, w.kind, w.started_at_s, SUM(e.amount_nanos) AS amount_nanos
     FROM windows w JOIN ended e ON w.member_id = e.member_id
-        AND w.started_at_s IN (e.session_started_at_s, e.weekly_started_at_s)
+        AND (w.kind = 'session' AND w.started_at_s = e.session_started_at_s
+            OR w.kind = 'weekly' AND w.started_at_s = e.weekly_started_at_s)
     GROUP BY w.member_id, w.kind, w.started_at_s
 )
 UPDATE windows w SET reserved_nanos = w.reserved_nanos - f.amount_nanos FROM freed f
@@ -247,15 +248,7 @@ class Leases:
         statements[-1][1].extend([p.member_id, p.session_started_at_s, p.weekly_started_at_s])
         self._write(p.member_id, statements)
         windows_before = with_limits(lease.tier, lease.stored)
-        for kind, window in lease.stored.items():
-            lease.stored[kind] = Window(
-                kind,
-                window.started_at_s,
-                window.ends_at_s,
-                0,
-                window.used_nanos + cost_nanos,
-                window.reserved_nanos - cost_nanos,
-            )
+        _add_used(lease, cost_nanos)
         if self._by_member.get(p.member_id) is lease:
             lease.remaining_nanos += back_nanos
         seat = lease.seat
@@ -272,6 +265,13 @@ class Leases:
             reload_threshold_nanos=seat.reload_threshold_nanos,
             webhook=(seat.webhook_url, seat.webhook_secret_env or "") if seat.webhook_url else None,
         )
+
+    def posted(self, member_id: int, used_nanos: int) -> None:
+        """A batch posted a settlement of the member within its reservation: the lease's view
+        of the windows (for the headers of the next admissions) follows."""
+        lease = self._by_member.get(member_id)
+        if lease is not None:
+            _add_used(lease, used_nanos)
 
     def give_back(self, member_id: int) -> None:
         """Return the member's lease (a record like the others): its step runs in a batch."""
@@ -469,3 +469,16 @@ def _recorded(write: object, *args: object) -> list[Statement]:
         return recorder.statements
     coroutine.close()
     raise AssertionError("a recorded write awaited something")
+
+
+def _add_used(lease: Lease, used_nanos: int) -> None:
+    """The lease's view of its windows after a settlement posted `used_nanos` in them."""
+    for kind, window in lease.stored.items():
+        lease.stored[kind] = Window(
+            kind,
+            window.started_at_s,
+            window.ends_at_s,
+            0,
+            window.used_nanos + used_nanos,
+            window.reserved_nanos,
+        )

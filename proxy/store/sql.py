@@ -193,6 +193,10 @@ class _SeatRow:
 
 
 Starts = tuple[float | None, float | None]  # when a request's session and weekly windows began
+# The member's windows that began at `starts`, each of its own kind: a new session window may
+# begin while the weekly window that began with an earlier session window runs on, and
+# `started_at_s IN (?, ?)` would also find that earlier session window.
+WINDOWS_AT = "(kind = 'session' AND started_at_s = ? OR kind = 'weekly' AND started_at_s = ?)"
 Spent = dict[int, tuple[int, int]]  # org (0) or member id -> the month's (posted, reserved)
 
 
@@ -553,7 +557,7 @@ class SqlStore:
             )
             params: tuple = (seat.member_id,)
         else:
-            which = "started_at_s IN (?, ?)"
+            which = WINDOWS_AT
             params = (seat.member_id, *starts)
         rows = await db.fetch(
             "SELECT 'window', kind, started_at_s, ends_at_s, used_nanos, reserved_nanos "
@@ -624,7 +628,9 @@ class SqlStore:
             await db.execute("UPDATE orgs SET reload_pending = 0 WHERE id = ?", (order.org_id,))
 
     async def verify(self, now_s: float) -> Verification:
-        """Recompute balances and month spend from transfers; count stale reservations."""
+        """Recompute balances and month spend from transfers, and what each window holds in
+        reserve from the requests in flight and the leases (PostgreSQL's); count stale
+        reservations."""
         rows = await self._read(
             """SELECT o.id, o.balance_nanos, CAST(COALESCE(SUM(t.amount_nanos), 0) AS BIGINT)
                FROM orgs o LEFT JOIN transfers t ON t.org_id = o.id
@@ -644,6 +650,22 @@ class SqlStore:
         mismatches += [
             f"{org} {month}: spend {stored} != transfers {summed}"
             for org, month, stored, summed in rows
+            if stored != summed
+        ]
+        rows = await self._read(
+            f"""SELECT w.member_id, w.kind, w.started_at_s, w.reserved_nanos, CAST(
+                   (SELECT COALESCE(SUM(r.reserved_nanos), 0) FROM requests r
+                    WHERE r.member_id = w.member_id AND r.status = 'pending'
+                    AND {_started_of("r")} = w.started_at_s)
+                   + (SELECT COALESCE(SUM(l.amount_nanos), 0) FROM leases l
+                    WHERE l.member_id = w.member_id AND {_started_of("l")} = w.started_at_s)
+                   AS BIGINT)
+               FROM windows w"""
+        )
+        mismatches += [
+            f"member {member} {kind} window of {started:.0f}: reserved {stored} != "
+            f"in flight and leased {summed}"
+            for member, kind, started, stored, summed in rows
             if stored != summed
         ]
         stale = await self._read(
@@ -828,7 +850,7 @@ class SqlStore:
         """Add to the used and reserved amounts of the member's windows that began at `starts`."""
         await db.execute(
             "UPDATE windows SET used_nanos = used_nanos + ?, reserved_nanos = reserved_nanos + ? "
-            "WHERE member_id = ? AND started_at_s IN (?, ?)",
+            f"WHERE member_id = ? AND {WINDOWS_AT}",
             (used_nanos, reserved_nanos, member_id, *starts),
         )
 
@@ -1253,6 +1275,14 @@ def _starts(windows: Windows | Mapping[str, Window]) -> Starts:
     """When the session and weekly windows began (None for a kind the tier does not have)."""
     session, weekly = windows.get(ledger.SESSION), windows.get(ledger.WEEKLY)
     return (session.started_at_s if session else None, weekly.started_at_s if weekly else None)
+
+
+def _started_of(table: str) -> str:
+    """When the window of `w`'s kind began, for a row of `requests` or `leases`."""
+    return (
+        f"CASE w.kind WHEN 'session' THEN {table}.session_started_at_s "
+        f"ELSE {table}.weekly_started_at_s END"
+    )
 
 
 def _nanos(limit: int | str | None) -> int | None:

@@ -119,6 +119,31 @@ async def test_admit_then_settle_posts_once(store: Store) -> None:
     assert (window.used_nanos, window.reserved_nanos) == (3_000_000, 0)
 
 
+async def test_a_new_session_window_beside_a_running_weekly_one_moves_only_itself(
+    store: Store,
+) -> None:
+    """The weekly window began with the first session window; a later session window must not
+    move that first one (the windows are matched by kind as well as by start)."""
+    tiers = Plans.from_mapping(
+        {"tiers": {"standard": {"session_included_usd": 0.01, "weekly_included_usd": 0.05}}},
+        "plans.toml",
+    ).tiers
+    member_id = await alice(store)
+    await store.admit(asking(member_id, "early", 1_000_000), tiers)
+    await store.settle(settling("early", 1_000_000), tiers)
+    later_s = NOW_S + 6 * 3600  # the first session window has ended; the weekly one runs on
+    await store.admit(asking(member_id, "later", 2_000_000, now_s=later_s), tiers)
+    assert (await store.verify(later_s)).mismatches == ()  # each window holds its own reserve
+    await store.settle(replace(settling("later", 2_000_000), settled_at_s=later_s + 1), tiers)
+    async with store.database.reading() as tx:  # type: ignore[attr-defined]
+        rows = await tx.fetch("SELECT kind, started_at_s, used_nanos FROM windows")
+    assert sorted(tuple(row) for row in rows) == [
+        ("session", NOW_S, 1_000_000),
+        ("session", later_s, 2_000_000),
+        ("weekly", NOW_S, 3_000_000),
+    ]
+
+
 async def test_concurrent_admissions_never_exceed_a_worst_case_window(store: Store) -> None:
     member_id = await alice(store)
     decisions = await asyncio.gather(
