@@ -28,6 +28,14 @@ def test_shipped_config_loads(tmp_path: Path) -> None:
     assert settings.prices.lookup("claude-opus-4-8") is not None
 
 
+def test_the_journal_is_next_to_the_config_file_or_none(config: ConfigFactory) -> None:
+    assert config.settings().store.journal == str((config.root / "usage-proxy.journal").resolve())
+    assert config.settings(store='journal = "j/a.journal"').store.journal == str(
+        (config.root / "j" / "a.journal").resolve()
+    )
+    assert config.settings(store='journal = ""').store.journal == ""
+
+
 def test_upstream_key_is_never_in_repr(config: ConfigFactory) -> None:
     settings = config.settings()
     assert "sk-ant-test-upstream-key" not in repr(settings)
