@@ -51,8 +51,6 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import structlog
-
 from proxy.clock import Clock, SystemClock
 from proxy.ledger import (
     INCLUDED,
@@ -69,8 +67,6 @@ from proxy.settings import Tier
 from proxy.store.base import Admission, AdmissionRequest, Settled, Settlement, StoreUnavailable
 from proxy.store.journal import Journal, Record, Statement
 from proxy.store.sql import WINDOWS_AT, Pending, SqlStore, Starts, _SeatRow, _starts
-
-log = structlog.get_logger("proxy.store")
 
 # A lease is this many times the worst case of the admission that took it, and never more than
 # 1 / LEASE_SHARE of the headroom left after it (the rest stays for the other replicas).
@@ -133,8 +129,8 @@ class Lease:
     stored: dict[str, Window]  # the member's windows as the lease saw them, moved by its steps
     starts: Starts
     remaining_nanos: int
-    taken_at_s: float  # time.monotonic(), as every instant of a lease's here
-    ends_at_s: float  # given back after this (LEASE_AGE_MAX_S, jittered)
+    ends_at_s: float  # time.monotonic(), as every instant of a lease's here: given back after
+    # this (LEASE_AGE_MAX_S, jittered)
     used_at_s: float
     renewed_at_s: float
 
@@ -364,7 +360,6 @@ class Leases:
             leased,
             starts,
             amount_nanos,
-            now_s,
             now_s + age_s,
             now_s,
             now_s,

@@ -107,7 +107,10 @@ async def test_two_replicas_admitting_one_member_never_pass_the_limit(url, tmp_p
         return isinstance(admission.decision, Admitted)
 
     admitted: list[int] = []
-    for wave in range(6):  # concurrent waves, the replicas' leases taken and given back between
+    for n in (0, 1):  # one at a time first: each replica takes a lease of its own
+        assert await ask(n)
+        admitted.append(n)
+    for wave in range(1, 7):  # concurrent waves, the replicas' leases taken and given back between
         decisions = await asyncio.gather(*(ask(wave * 30 + n) for n in range(30)))
         admitted += [wave * 30 + n for n, ok in enumerate(decisions) if ok]
     assert len(admitted) * worst_case_nanos <= LIMIT_NANOS
@@ -211,3 +214,48 @@ async def test_a_stopped_replicas_lease_is_freed_by_another_replicas_sweeper(url
     assert await in_tables(url, "SELECT used_nanos, reserved_nanos FROM windows") == [(30_000, 0)]
     assert (await other.verify(NOW_S)).mismatches == ()
     await other.close()
+
+
+async def test_records_applied_after_their_lease_was_freed_move_the_windows(url, tmp_path):
+    journal = tmp_path / "a.journal"
+    await (await replica(url, journal)).close()
+    await crashed_replica(  # its records stay in the journal: nothing reaches the tables
+        url,
+        journal,
+        """
+        await store.admit(asking(member_id, "first", 100_000), TIERS)  # takes the lease
+        await store.settle(settling("first", 30_000), TIERS)
+        await store.admit(asking(member_id, "r1", 100_000), TIERS)  # from it: never suspends
+        store._apply_timer.cancel()  # so no batch applies what follows
+        await store.settle(settling("r1", 30_000), TIERS)
+        await store.admit(asking(member_id, "in-flight", 100_000), TIERS)
+        """,
+    )
+    [(expires_at_s,)] = await in_tables(url, "SELECT expires_at_s FROM leases")
+    other = await replica(url, tmp_path / "b.journal")
+    await other.expire_pending(expires_at_s + 1)  # the lease is freed before the replica is back
+    assert await in_tables(url, "SELECT used_nanos, reserved_nanos FROM windows") == [(30_000, 0)]
+    await other.close()
+
+    store = await replica(url, journal)  # its records apply to windows that hold no lease now
+    assert await in_tables(url, "SELECT used_nanos, reserved_nanos FROM windows") == [
+        (60_000, 100_000)  # "in-flight" holds its reservation, as if it had been admitted alone
+    ]
+    assert (await store.verify(NOW_S)).mismatches == ()
+    await store.settle(settling("in-flight", 50_000), TIERS)
+    await store.flush()
+    assert await in_tables(url, "SELECT used_nanos, reserved_nanos FROM windows") == [(110_000, 0)]
+    await store.close()
+
+
+async def test_an_admin_change_on_the_replica_gives_its_leases_back(url, tmp_path):
+    store = await replica(url, tmp_path / "a.journal")
+    member_id = await alice(store)
+    await store.admit(asking(member_id, "first", 100_000), TIERS)
+    assert await in_tables(url, "SELECT COUNT(*) FROM leases") == [(1,)]
+    await store.update_org("acme", {"monthly_limit_nanos": 0})
+    await store.flush()
+    assert await in_tables(url, "SELECT COUNT(*) FROM leases") == [(0,)]
+    await store.admit(asking(member_id, "second", 100_000), TIERS)  # decided in a batch again
+    assert store.steps_leased == 0
+    await store.close()
