@@ -46,10 +46,10 @@ from __future__ import annotations
 import os
 import random
 import secrets
-import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from proxy.clock import Clock, SystemClock
 from proxy.ledger import (
@@ -420,8 +420,18 @@ class Leases:
 
 
 def journal_name(path: str) -> str:
-    """A journal's key in `journals_applied`: its host and absolute path."""
-    return f"{socket.gethostname()}:{os.path.abspath(path)}"
+    """A journal's key in `journals_applied`: its absolute path and an id kept beside it
+    (`<path>.id`, made at the journal's first use). Not the host's name: a host renamed (a
+    container started again on the same volume) would replay records already applied."""
+    id_path = Path(path + ".id")
+    try:
+        journal_id = id_path.read_text().strip()
+    except FileNotFoundError:
+        journal_id = secrets.token_hex(8)
+        written = id_path.with_suffix(".id-new")
+        written.write_text(journal_id + "\n")
+        os.replace(written, id_path)  # whole or not at all
+    return f"{os.path.abspath(path)}#{journal_id}"
 
 
 def statements_in_order(records: list[Queued] | list[Record]) -> list[tuple[str, list[list]]]:

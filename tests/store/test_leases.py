@@ -189,6 +189,11 @@ async def test_a_replica_killed_mid_load_replays_its_journal_once(url, tmp_path)
     await store.close()
     store = await replica(url, journal)  # nothing applies twice
     assert await in_tables(url, "SELECT used_nanos FROM windows") == [(120_000,)]
+    # the journal is known by its path and an id kept beside it, whatever the host is called
+    journal_id = (tmp_path / "a.journal.id").read_text().strip()
+    assert await in_tables(url, "SELECT journal FROM journals_applied") == [
+        (f"{journal}#{journal_id}",)
+    ]
     await store.close()
 
 
