@@ -28,6 +28,11 @@ at once in a process, on members the other does not have (`_start_batches`): a r
 settlement does not hold up the next request's admission of another member, and while both
 run, the next batch gathers. A step whose caller is cancelled still runs to its end, and the
 caller learns what it did (`to_its_end`).
+
+Given a journal, the store decides most admissions and settlements on included quota from
+leases, in memory (leases.py), and a batch does two more things: it applies first the
+journal's records of its members (and of any member no other running batch has), and after its
+steps it takes leases for the members it admitted on included quota.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
-"""The write-behind journal of the SQLite store: an append-only file of the writes of admissions
-and settlements that have not reached the tables yet.
+"""The write-behind journal: an append-only file of the writes of admissions and settlements
+that have not reached the tables yet. The SQLite store keeps one next to its database; a
+PostgreSQL replica keeps one (`store.journal`) for the steps it decides from leases (leases.py),
+whose records its batches apply (batches.py) as `SqliteDatabase` applies the SQLite store's,
+described below.
 
 A step that `Books` decides in memory (books.py) writes its statements here, one record per
 step, before it returns: once `os.write` has returned, the step survives a crash of the process, as a
