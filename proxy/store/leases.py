@@ -229,20 +229,15 @@ class Leases:
         admitted = self._admitted.get(s.request_id)
         if admitted is None or s.cost_nanos > admitted.pending.reserved_nanos:
             return None
-        del self._admitted[s.request_id]
         lease, p = admitted.lease, admitted.pending
         cost_nanos, reserved_nanos = s.cost_nanos, p.reserved_nanos
         back_nanos = reserved_nanos - cost_nanos
         split = Split(cost_nanos, 0, 0)  # the windows held the worst case: it fits in them
         statements = _recorded(self._store._record_settlement, s, split)
-        statements.append(
-            (
-                SETTLE_SQL,
-                [back_nanos, lease.lease_id, cost_nanos, reserved_nanos, back_nanos],
-            )
-        )
-        statements[-1][1].extend([p.member_id, p.session_started_at_s, p.weekly_started_at_s])
-        self._write(p.member_id, statements)
+        moved = [back_nanos, lease.lease_id, cost_nanos, reserved_nanos, back_nanos]
+        statements.append((SETTLE_SQL, [*moved, p.member_id, *lease.starts]))
+        self._write(p.member_id, statements)  # (a failure leaves it to settle again)
+        del self._admitted[s.request_id]
         windows_before = with_limits(lease.tier, lease.stored)
         _add_used(lease, cost_nanos)
         if self._by_member.get(p.member_id) is lease:
