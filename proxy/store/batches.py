@@ -61,6 +61,7 @@ from proxy.store.leases import (
     APPLIED_SQL,
     APPLY_AFTER_S,
     EXPIRE_SQL,
+    LEASE_TTL_S,
     RENEW_SQL,
     Lease,
     Leases,
@@ -157,6 +158,8 @@ class BatchedStore(SqlStore):
         )
         self._apply_timer: asyncio.TimerHandle | None = None
         self._apply_wanted = False  # the records waiting are due: a batch applies them
+        self._renew_timer: asyncio.TimerHandle | None = None
+        self._renew_wanted = False  # the leases are due for renewal: a batch renews them
         self._applied_seq = 0  # the journal's last record in the tables
         self._flushes: list[tuple[int, asyncio.Future[None]]] = []
         self.batches_committed = 0
@@ -222,17 +225,22 @@ class BatchedStore(SqlStore):
                 ready = waiting.member_id not in self._busy and len(batch) < BATCH_STEPS_MAX
                 (batch if ready else later).append(waiting)
             records: list[Queued] = []
-            if self.leases is not None and (batch or self._apply_wanted):
+            renewed: set[int] = set()
+            if self.leases is not None and (batch or self._apply_wanted or self._renew_wanted):
                 for waiting in batch:  # the exact decision counts their headroom as free
                     if isinstance(waiting.step, AdmissionRequest):
                         self.leases.give_back(waiting.step.member_id)
                 records = self.leases.take_records(self._busy)
                 self._apply_wanted = self.leases.records_waiting  # left for a later batch
-            if not batch and not records:
+                if self._renew_wanted:
+                    renewed = self.leases.held_by(self._busy)
+                    self._renew_wanted = False
+            if not batch and not records and not renewed:
                 return
             self._waiting = later
             members = {waiting.member_id for waiting in batch}
             members.update(record.member_id for record in records)
+            members.update(renewed)
             self._busy |= members
             self._running += 1
             self._tasks.spawn(self._run(batch, members, records), name="store batch")
@@ -362,12 +370,30 @@ class BatchedStore(SqlStore):
         self._apply_wanted = self.leases.records_waiting
         self._start_batches()
 
+    def _renew_due(self) -> None:
+        """Every LEASE_TTL_S / 4 while leases are held: a batch renews those of members no
+        running batch has (the others' batches renew theirs), and idle ones go back."""
+        self._renew_timer = None
+        assert self.leases is not None
+        self.leases.give_back_idle()
+        if self.leases.records_waiting:
+            self._records_written()
+        self._renew_wanted = True
+        self._start_batches()
+        self._renewing()
+
+    def _renewing(self) -> None:
+        if self._renew_timer is None and self.leases is not None and self.leases.held:
+            loop = asyncio.get_running_loop()
+            self._renew_timer = loop.call_later(LEASE_TTL_S / 4, self._renew_due)
+
     def _applied(self, records: list[Queued], leases_taken: list[Lease]) -> None:
         leases = self.leases
         if leases is None:
             return
         for lease in leases_taken:
             leases.hold(lease)
+        self._renewing()
         if records:
             self._applied_seq = max(self._applied_seq, records[-1].seq)
             leases.after_apply()
@@ -509,8 +535,9 @@ class BatchedStore(SqlStore):
                 await self.flush()
             except StoreUnavailable as exc:  # the records stay in the journal for the next start
                 log.error("journal_not_applied_at_close", error=str(exc))
-            if self._apply_timer is not None:
-                self._apply_timer.cancel()
+            for timer in (self._apply_timer, self._renew_timer):
+                if timer is not None:
+                    timer.cancel()
             leases.journal.close()
             self.leases = None  # closing twice closes nothing more
         await super().close()

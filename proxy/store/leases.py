@@ -28,8 +28,8 @@ back, so that the exact decision counts its headroom as free.
 
 A lease is given back after LEASE_IDLE_S without an admission, some LEASE_AGE_MAX_S after it was
 taken (what it knows of the seat and the org is that old), and when the store closes. Its row
-expires LEASE_TTL_S after the replica last renewed it (each batch renews the replica's leases),
-and then the sweeper of any replica gives its amount back to the windows. A replica uses a lease
+expires LEASE_TTL_S after the replica last renewed it (each batch renews the leases of its
+members, and every LEASE_TTL_S / 4 a batch renews the others), and then the sweeper of any replica gives its amount back to the windows. A replica uses a lease
 only for LEASE_TTL_S / 2 after the last renewal that committed, so a replica cut off from the
 server stops using its leases well before another replica's sweeper frees them. The statements
 that move a lease first check that it still exists: a record applied after its lease expired
@@ -72,7 +72,7 @@ from proxy.store.sql import WINDOWS_AT, Pending, SqlStore, Starts, _SeatRow, _st
 # 1 / LEASE_SHARE of the headroom left after it (the rest stays for the other replicas).
 LEASE_WORST_CASES = 16
 LEASE_SHARE = 2
-LEASE_IDLE_S = 5.0
+LEASE_IDLE_S = 15.0
 LEASE_AGE_MAX_S = 60.0  # ... give or take LEASE_AGE_JITTER, so that leases end at different times
 LEASE_AGE_JITTER = 0.25
 LEASE_TTL_S = 20.0
@@ -299,6 +299,14 @@ class Leases:
         self._queue.append(Queued(seq, member_id, statements))
 
     # -- taking leases (in a batch)
+
+    @property
+    def held(self) -> bool:
+        return bool(self._by_member)
+
+    def held_by(self, busy: set[int | None]) -> set[int]:
+        """The members whose leases a batch may renew: those no running batch has."""
+        return {member_id for member_id in self._by_member if member_id not in busy}
 
     def wants(self, member_id: int) -> bool:
         return member_id not in self._by_member

@@ -264,3 +264,16 @@ async def test_an_admin_change_on_the_replica_gives_its_leases_back(url, tmp_pat
     await store.admit(asking(member_id, "second", 100_000), TIERS)  # decided in a batch again
     assert store.steps_leased == 0
     await store.close()
+
+
+async def test_a_lease_held_between_requests_is_renewed_on_its_own(url, tmp_path):
+    store = await replica(url, tmp_path / "a.journal")
+    member_id = await alice(store)
+    await store.admit(asking(member_id, "first", 100_000), TIERS)
+    [(expires_at_s,)] = await in_tables(url, "SELECT expires_at_s FROM leases")
+    await asyncio.sleep(LEASE_TTL_S / 4 + 0.5)  # no request meanwhile: a batch renews it
+    [(renewed_to_s,)] = await in_tables(url, "SELECT expires_at_s FROM leases")
+    assert renewed_to_s > expires_at_s
+    await store.admit(asking(member_id, "later", 100_000), TIERS)
+    assert store.steps_leased == 1  # still decided from the lease
+    await store.close()
