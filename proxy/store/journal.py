@@ -33,6 +33,8 @@ from typing import Any
 
 import structlog
 
+from proxy.store.base import StoreUnavailable
+
 log = structlog.get_logger("proxy.store")
 
 Statement = tuple[str, list[Any]]  # SQL with `?` placeholders, and its parameters
@@ -59,17 +61,17 @@ class Journal:
         return cls(path, fd)
 
     def append(self, seq: int, statements: list[Statement]) -> None:
-        """Write one step's record; raise OSError when it could not be written whole (and
-        leave the file as it was)."""
+        """Write one step's record; raise StoreUnavailable when it could not be written whole
+        (and leave the file as it was): the step did not happen."""
         body = marshal.dumps((seq, statements), MARSHAL_FORMAT)
         line = LENGTH.pack(len(body)) + body
         try:
             written = os.write(self._fd, line)
             if written != len(line):
                 raise OSError(f"wrote {written} of {len(line)} bytes")
-        except OSError:
+        except OSError as exc:
             os.ftruncate(self._fd, self.size_bytes)  # no half record for a later one to follow
-            raise
+            raise StoreUnavailable(f"the store's journal could not be written: {exc}") from None
         self.size_bytes += written
 
     def truncate(self) -> None:

@@ -64,7 +64,7 @@ from proxy.ledger import (
     with_limits,
 )
 from proxy.settings import Tier
-from proxy.store.base import Admission, AdmissionRequest, Settled, Settlement, StoreUnavailable
+from proxy.store.base import Admission, AdmissionRequest, Settled, Settlement
 from proxy.store.journal import Journal, Record, Statement
 from proxy.store.sql import WINDOWS_AT, Pending, SqlStore, Starts, _SeatRow, _starts
 
@@ -289,12 +289,7 @@ class Leases:
 
     def _write(self, member_id: int, statements: list[Statement]) -> None:
         seq = self._seq + 1
-        try:
-            self.journal.append(seq, statements)
-        except OSError as exc:
-            raise StoreUnavailable(
-                f"the PostgreSQL store's journal could not be written: {exc}"
-            ) from None
+        self.journal.append(seq, statements)
         self._seq = seq
         self._queue.append(Queued(seq, member_id, statements))
 

@@ -203,12 +203,7 @@ class SqliteDatabase:
         in the tables within APPLY_AFTER_S, or at the next step that reads or writes them."""
         assert self.journal is not None
         seq = self._seq + 1
-        try:
-            self.journal.append(seq, statements)
-        except OSError as exc:
-            raise StoreUnavailable(
-                f"the SQLite store's journal could not be written: {exc}"
-            ) from None
+        self.journal.append(seq, statements)
         self._seq = seq
         self._queue.append((seq, statements))
         if self._apply_timer is None:
