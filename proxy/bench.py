@@ -1380,6 +1380,8 @@ class Bench:
             "store": _store_kind(store_url),
             "store_url": _redacted(store_url),
             "store_fresh": self.options.store_url is None,
+            # the generated config leaves store.journal as it is by default: leases on
+            "store_leases": _store_kind(store_url) == "postgresql",
             "pinning": self.pinning.json(),
             "pinning_text": self.pinning.describe(),
             "load_generator": "http1.py client, one process",
@@ -1869,7 +1871,8 @@ def _how_it_ran(report: dict[str, Any]) -> list[str]:
     lines = [
         f"Python {env['python_version']}, aiohttp {env['aiohttp_version']}, uvloop in the "
         f"proxy: {uvloop}, store: {env['store']} "
-        f"({'a fresh file' if env['store_fresh'] else env['store_url']})"
+        f"({'a fresh file' if env['store_fresh'] else env['store_url']}"
+        f"{', leases on' if env.get('store_leases') else ''})"
     ]
     if report["options"]["quick"]:
         lines.append("QUICK RUN: tiny counts; the figures show the command works, not its speed")

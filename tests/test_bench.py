@@ -54,7 +54,7 @@ def test_quick_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     env = report["environment"]
     assert env["cores"] >= 1
     assert env["python_version"] == platform.python_version()
-    assert env["store"] == "sqlite"
+    assert env["store"] == "sqlite" and env["store_leases"] is False
     assert env["pinning"]["enabled"] == (env["cores"] >= 2)
     assert isinstance(env["uvloop_proxy"], bool)
     assert report["options"]["quick"] is True
