@@ -750,8 +750,9 @@ _SEAT_FIELDS = len(fields(_SeatRow))
 # of its org (member 0) and of itself, in the months the batch's instants may fall in.
 # Every row is found by its key: requests by id (whether still pending is asked after the
 # lock: a plan that asked the "pending" index first read each of its dead entries, one for
-# every settlement since the last vacuum) and members by id (an `OR m.id IN (...)` read them
-# all). A request no longer pending stays locked until the batch ends, and its step runs alone
+# every settlement since the last vacuum), members by id (an `OR m.id IN (...)` read them
+# all), and each newest window at the end of its key (DISTINCT ON read all of a member's
+# windows, about five a day). A request no longer pending stays locked until the batch ends, and its step runs alone
 # after it. tests/store/test_batches.py checks the plan.
 _BOOKS_SQL = f"""
 WITH asked AS (
@@ -770,8 +771,9 @@ SELECT seats.*,
         r.session_started_at_s, r.weekly_started_at_s) FROM settling r
         WHERE r.member_id = seats.member_id),
     ARRAY(SELECT ROW(w.kind, w.started_at_s, w.ends_at_s, w.used_nanos, w.reserved_nanos)
-        FROM (SELECT DISTINCT ON (kind) * FROM windows WHERE member_id = seats.member_id
-            ORDER BY kind, started_at_s DESC) w),
+        FROM (VALUES ('session'), ('weekly')) AS k (kind), LATERAL (SELECT * FROM windows
+            WHERE member_id = seats.member_id AND kind = k.kind
+            ORDER BY started_at_s DESC LIMIT 1) w),
     ARRAY(SELECT ROW(s.member_id, s.month, s.posted_nanos, s.reserved_nanos) FROM spend s
         WHERE s.org_id = seats.org_id AND s.member_id IN (0, seats.member_id)
             AND s.month = ANY(?::text[]))

@@ -66,7 +66,15 @@ from proxy.ledger import (
 from proxy.settings import Tier
 from proxy.store.base import Admission, AdmissionRequest, Settled, Settlement
 from proxy.store.journal import Journal, Record, Statement
-from proxy.store.sql import WINDOWS_AT, Pending, SqlStore, Starts, _SeatRow, _starts
+from proxy.store.sql import (
+    WINDOWS_AT,
+    Pending,
+    SqlStore,
+    Starts,
+    _SeatRow,
+    _starts,
+    windows_at,
+)
 
 # A lease is this many times the worst case of the admission that took it, and never more than
 # 1 / LEASE_SHARE of the headroom left after it (the rest stays for the other replicas).
@@ -88,12 +96,12 @@ TAKE_SQL = (
 ADMIT_SQL = f"""WITH lease AS (
     UPDATE leases SET amount_nanos = amount_nanos - ? WHERE id = ? RETURNING id)
 UPDATE windows SET reserved_nanos = reserved_nanos + ?
-WHERE member_id = ? AND {WINDOWS_AT} AND NOT EXISTS (SELECT 1 FROM lease)"""
+WHERE {WINDOWS_AT} AND NOT EXISTS (SELECT 1 FROM lease)"""
 SETTLE_SQL = f"""WITH lease AS (
     UPDATE leases SET amount_nanos = amount_nanos + ? WHERE id = ? RETURNING id)
 UPDATE windows SET used_nanos = used_nanos + ?, reserved_nanos = reserved_nanos - ?
     + CASE WHEN EXISTS (SELECT 1 FROM lease) THEN ? ELSE 0 END
-WHERE member_id = ? AND {WINDOWS_AT}"""
+WHERE {WINDOWS_AT}"""
 # Ends leases (by id, or those expired) and takes what is left of them out of the windows.
 _END_SQL = """WITH ended AS (
     DELETE FROM leases WHERE {which}
@@ -208,7 +216,12 @@ class Leases:
         statements.append(
             (
                 ADMIT_SQL,
-                [worst_case_nanos, lease.lease_id, worst_case_nanos, r.member_id, *lease.starts],
+                [
+                    worst_case_nanos,
+                    lease.lease_id,
+                    worst_case_nanos,
+                    *windows_at(r.member_id, lease.starts),
+                ],
             )
         )
         self._write(r.member_id, statements)
@@ -235,7 +248,7 @@ class Leases:
         split = Split(cost_nanos, 0, 0)  # the windows held the worst case: it fits in them
         statements = _recorded(self._store._record_settlement, s, split)
         moved = [back_nanos, lease.lease_id, cost_nanos, reserved_nanos, back_nanos]
-        statements.append((SETTLE_SQL, [*moved, p.member_id, *lease.starts]))
+        statements.append((SETTLE_SQL, [*moved, *windows_at(p.member_id, lease.starts)]))
         self._write(p.member_id, statements)  # (a failure leaves it to settle again)
         del self._admitted[s.request_id]
         windows_before = with_limits(lease.tier, lease.stored)

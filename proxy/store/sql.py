@@ -193,10 +193,35 @@ class _SeatRow:
 
 
 Starts = tuple[float | None, float | None]  # when a request's session and weekly windows began
-# The member's windows that began at `starts`, each of its own kind: a new session window may
-# begin while the weekly window that began with an earlier session window runs on, and
-# `started_at_s IN (?, ?)` would also find that earlier session window.
-WINDOWS_AT = "(kind = 'session' AND started_at_s = ? OR kind = 'weekly' AND started_at_s = ?)"
+# The member's windows that began at `starts`, each of its own kind, found by its key; its
+# parameters are `windows_at(member_id, starts)`. By kind: a new session window may begin while
+# the weekly window that began with an earlier session window runs on, and `started_at_s IN
+# (?, ?)` would also find that earlier session window. The member named on each side: else
+# SQLite's planner reads all the member's windows (about five a day) and filters them.
+WINDOWS_AT = (
+    "(member_id = ? AND kind = 'session' AND started_at_s = ? "
+    "OR member_id = ? AND kind = 'weekly' AND started_at_s = ?)"
+)
+_WINDOW_ROW = "'window', kind, started_at_s, ends_at_s, used_nanos, reserved_nanos"
+# The member's newest window of each kind, each found at the end of the key (parameters: the
+# member's id twice), not by reading all of the member's windows.
+_NEWEST_WINDOWS = " UNION ALL ".join(
+    f"SELECT * FROM (SELECT {_WINDOW_ROW} FROM windows WHERE member_id = ? AND kind = '{kind}' "
+    f"ORDER BY started_at_s DESC LIMIT 1) AS newest_{kind}"
+    for kind in (ledger.SESSION, ledger.WEEKLY)
+)
+
+MOVE_WINDOWS_SQL = (
+    "UPDATE windows SET used_nanos = used_nanos + ?, reserved_nanos = reserved_nanos + ? "
+    f"WHERE {WINDOWS_AT}"
+)
+
+
+def windows_at(member_id: int, starts: Starts) -> tuple[int, float | None, int, float | None]:
+    """The parameters of WINDOWS_AT."""
+    return (member_id, starts[0], member_id, starts[1])
+
+
 Spent = dict[int, tuple[int, int]]  # org (0) or member id -> the month's (posted, reserved)
 
 
@@ -551,17 +576,12 @@ class SqlStore:
         at `starts`) and the month's extra usage of the org (0) and the member, as (posted,
         reserved)."""
         if starts is None:
-            which = (
-                "started_at_s = (SELECT MAX(started_at_s) FROM windows "
-                "WHERE member_id = w.member_id AND kind = w.kind)"
-            )
-            params: tuple = (seat.member_id,)
+            windows_sql, params = _NEWEST_WINDOWS, (seat.member_id, seat.member_id)
         else:
-            which = WINDOWS_AT
-            params = (seat.member_id, *starts)
+            windows_sql = f"SELECT {_WINDOW_ROW} FROM windows WHERE {WINDOWS_AT}"
+            params = windows_at(seat.member_id, starts)
         rows = await db.fetch(
-            "SELECT 'window', kind, started_at_s, ends_at_s, used_nanos, reserved_nanos "
-            f"FROM windows w WHERE member_id = ? AND {which} UNION ALL "
+            f"{windows_sql} UNION ALL "
             "SELECT 'spend', CAST(member_id AS TEXT), NULL, NULL, posted_nanos, reserved_nanos "
             "FROM spend WHERE org_id = ? AND month = ? AND member_id IN (0, ?)",
             (*params, seat.org_id, month, seat.member_id),
@@ -849,9 +869,7 @@ class SqlStore:
     ) -> None:
         """Add to the used and reserved amounts of the member's windows that began at `starts`."""
         await db.execute(
-            "UPDATE windows SET used_nanos = used_nanos + ?, reserved_nanos = reserved_nanos + ? "
-            f"WHERE member_id = ? AND {WINDOWS_AT}",
-            (used_nanos, reserved_nanos, member_id, *starts),
+            MOVE_WINDOWS_SQL, (used_nanos, reserved_nanos, *windows_at(member_id, starts))
         )
 
     async def _set_consent(self, db: Tx, member_id: int, until_s: float | None) -> None:

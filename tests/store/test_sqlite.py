@@ -14,6 +14,7 @@ import pytest
 from proxy.settings import StoreSettings
 from proxy.store import open_store
 from proxy.store.base import StoreUnavailable
+from proxy.store.sql import _NEWEST_WINDOWS, MOVE_WINDOWS_SQL, windows_at
 from proxy.store.sqlite import CHECKPOINT_COMMITS, CHECKPOINT_NICE
 from proxy.tasks import Tasks
 
@@ -192,3 +193,32 @@ async def test_a_lock_held_past_the_busy_timeout_is_the_store_unavailable(tmp_pa
         await tx.execute("INSERT INTO notes (n) VALUES (2)")
     assert committed_notes(tmp_path) == [2]
     await store.close()
+
+
+def test_a_members_windows_are_found_by_key_however_many_it_has_had(tmp_path: Path) -> None:
+    """Each admission and settlement moves the two windows it began in, and a first step reads
+    the newest of each kind: by their key, not by reading all of the member's windows (about
+    five a day; SQLite's planner filtered them all for the `IN` form, with no statistics)."""
+    conn = sqlite3.connect(tmp_path / "plans.db")
+    conn.execute(
+        "CREATE TABLE windows (member_id INTEGER NOT NULL, kind TEXT NOT NULL, "
+        "started_at_s REAL NOT NULL, ends_at_s REAL NOT NULL, used_nanos INTEGER DEFAULT 0, "
+        "reserved_nanos INTEGER DEFAULT 0, PRIMARY KEY (member_id, kind, started_at_s))"
+    )
+    conn.executemany(
+        "INSERT INTO windows (member_id, kind, started_at_s, ends_at_s) VALUES (?, ?, ?, ?)",
+        [(1, kind, n, n + 1) for n in range(2500) for kind in ("session", "weekly")],
+    )
+
+    def plan(sql: str, params: tuple) -> str:
+        return " | ".join(row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", params))
+
+    moved = plan(MOVE_WINDOWS_SQL, (1, 1, *windows_at(1, (2400.0, 2000.0))))
+    assert moved.count("(member_id=? AND kind=? AND started_at_s=?)") == 2, moved
+    newest = plan(_NEWEST_WINDOWS, (1, 1))
+    assert newest.count("(member_id=? AND kind=?)") == 2, newest  # the key's end, in order:
+    assert "SCAN windows" not in newest and "TEMP B-TREE" not in newest, newest  # not sorted
+    assert conn.execute(_NEWEST_WINDOWS, (1, 1)).fetchall() == [
+        ("window", "session", 2499.0, 2500.0, 0, 0),
+        ("window", "weekly", 2499.0, 2500.0, 0, 0),
+    ]
