@@ -127,7 +127,7 @@ async def _apply(tx: PostgresTx, records: list[Queued], journal: str) -> None:
     and left out."""
     try:
         async with tx.savepoint():
-            for sql, rows in statements_in_order(records):
+            for sql, rows in statements_in_order(st for r in records for st in r.statements):
                 await tx.executemany(sql, rows)
     except (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError):
         for record in records:
@@ -154,7 +154,7 @@ class BatchedStore(SqlStore):
         self._admitted: dict[str, int] = {}  # request id -> member, until its settlement
         self._tasks = Tasks()
         self.leases = (
-            Leases(self, journal, journal_name(journal.path), 0) if journal is not None else None
+            Leases(self, journal, journal_name(journal.path)) if journal is not None else None
         )
         self._apply_timer: asyncio.TimerHandle | None = None
         self._apply_wanted = False  # the records waiting are due: a batch applies them
@@ -216,7 +216,7 @@ class BatchedStore(SqlStore):
         counts as one more member. Each batch applies first the journal's records of members
         no other running batch has (a batch of records alone once they are due), after giving
         back the leases of the members it admits."""
-        if self.leases is not None and self._waiting:
+        if self.leases is not None and self.leases.held and self._waiting:
             self._waiting = self._decided_from_leases(self._waiting)
         while self._running < BATCHES_RUNNING_MAX:
             batch: list[_Waiting] = []
@@ -325,12 +325,14 @@ class BatchedStore(SqlStore):
         leases_taken: list[Lease] = []
         answers: list[Any] = []
         within: set[str] = set()
-        renewing = leases.renewing(members) if leases is not None else (0.0, 0.0, [])
+        renewed_at_s, expires_at_s, lease_ids = (
+            leases.renewing(members) if leases is not None else (0.0, 0.0, [])
+        )
         async with self._pg.kept_transaction() as tx:
             if leases is not None and records:
                 await _apply(tx, records, leases.name)
-            if renewing[2]:
-                await tx.execute(RENEW_SQL, renewing[1:])
+            if lease_ids:
+                await tx.execute(RENEW_SQL, (expires_at_s, lease_ids))
             if batch:
                 books = _Batch(self._pg, tx, self._months)
                 locked = await books.lock([waiting.step for waiting in batch])
@@ -350,8 +352,8 @@ class BatchedStore(SqlStore):
                 if leases is not None:
                     leases_taken = await books.take_leases(leases, batch, answers)
                 await books.held.send()
-        if leases is not None and renewing[2]:
-            leases.renewed(renewing[0], renewing[2])
+        if leases is not None and lease_ids:
+            leases.renewed(renewed_at_s, lease_ids)
         return answers, leases_taken, within
 
     # -- the journal of the steps decided from leases
@@ -366,7 +368,6 @@ class BatchedStore(SqlStore):
     def _apply_due(self) -> None:
         self._apply_timer = None
         assert self.leases is not None
-        self.leases.give_back_idle()
         self._apply_wanted = self.leases.records_waiting
         self._start_batches()
 
@@ -443,8 +444,7 @@ class BatchedStore(SqlStore):
                 "SELECT seq FROM journals_applied WHERE journal = ?", (leases.name,)
             )
             applied_seq = row[0] if row else 0
-            waiting = [Queued(seq, 0, statements) for seq, statements in records]
-            waiting = [record for record in waiting if record.seq > applied_seq]
+            waiting = [Queued(seq, 0, st) for seq, st in records if seq > applied_seq]
             if waiting:
                 await _apply(tx, waiting, leases.name)
                 log.info("journal_replayed", records=len(waiting), last_seq=waiting[-1].seq)
@@ -491,12 +491,7 @@ class BatchedStore(SqlStore):
         return replace(status, windows=replace(status.windows, by_kind=by_kind))
 
     async def expire_pending(self, now_s: float) -> int:
-        """Also end the leases no replica renewed (their replica stopped), and return this
-        replica's idle ones."""
-        if self.leases is not None:
-            self.leases.give_back_idle()
-            if self.leases.records_waiting:
-                self._records_written()
+        """Also end the leases no replica renewed (their replica stopped)."""
         async with self._pg.transaction() as tx:
             await tx.execute(EXPIRE_SQL, (now_s,))
         return await super().expire_pending(now_s)
@@ -605,11 +600,8 @@ class _Held:
 
     async def send(self) -> None:
         """The writes held so far, one round trip per statement: inserts first (see above)."""
-        rows_by_sql: dict[str, list[Sequence[Any]]] = {}
-        for sql, params in self._writes:
-            rows_by_sql.setdefault(sql, []).append(params)
-        self._writes = []
-        for sql, rows in sorted(rows_by_sql.items(), key=lambda item: not _inserts(item[0])):
+        writes, self._writes = self._writes, []
+        for sql, rows in statements_in_order(writes):
             await self._tx.executemany(sql, rows)
 
 
@@ -779,7 +771,3 @@ SELECT seats.*,
             AND s.month = ANY(?::text[]))
 FROM seats ORDER BY seats.member_id
 """
-
-
-def _inserts(sql: str) -> bool:
-    return sql.lstrip().upper().startswith("INSERT")

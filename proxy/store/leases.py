@@ -27,11 +27,12 @@ that ended, a worst case larger than the lease, extra usage, an org that reserve
 back, so that the exact decision counts its headroom as free.
 
 A lease is given back after LEASE_IDLE_S without an admission, some LEASE_AGE_MAX_S after it was
-taken (what it knows of the seat and the org is that old), and when the store closes. Its row
-expires LEASE_TTL_S after the replica last renewed it (each batch renews the leases of its
-members, and every LEASE_TTL_S / 4 a batch renews the others), and then the sweeper of any replica gives its amount back to the windows. A replica uses a lease
-only for LEASE_TTL_S / 2 after the last renewal that committed, so a replica cut off from the
-server stops using its leases well before another replica's sweeper frees them. The statements
+taken (what it knows of the seat and the org is that old), and when the store closes; both are
+looked for every LEASE_TTL_S / 4, when a batch renews the leases no other batch renewed (each
+batch renews the leases of its members). Its row expires LEASE_TTL_S after the replica last
+renewed it, and then the sweeper of any replica gives its amount back to the windows. A replica
+uses a lease only for LEASE_TTL_S / 2 after the last renewal that committed, so a replica cut
+off from the server stops using its leases well before another replica's sweeper frees them. The statements
 that move a lease first check that it still exists: a record applied after its lease expired
 (a replica that restarted late) moves the windows instead.
 
@@ -47,11 +48,12 @@ import os
 import random
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from proxy.clock import Clock, SystemClock
+from proxy.clock import SystemClock
 from proxy.ledger import (
     INCLUDED,
     Admitted,
@@ -65,7 +67,7 @@ from proxy.ledger import (
 )
 from proxy.settings import Tier
 from proxy.store.base import Admission, AdmissionRequest, Settled, Settlement
-from proxy.store.journal import Journal, Record, Statement
+from proxy.store.journal import Journal, Statement
 from proxy.store.sql import (
     WINDOWS_AT,
     Pending,
@@ -149,7 +151,6 @@ class _FromLease:
 
     lease: Lease
     pending: Pending
-    request: AdmissionRequest
 
 
 @dataclass(slots=True)
@@ -164,26 +165,18 @@ class Queued:
 class Leases:
     """The leases of one replica and its journal: the steps decided in memory."""
 
-    def __init__(
-        self,
-        store: SqlStore,
-        journal: Journal,
-        name: str,
-        applied_seq: int,
-        clock: Clock | None = None,
-    ) -> None:
+    def __init__(self, store: SqlStore, journal: Journal, name: str) -> None:
         self._store = store  # its SQL for the request rows
-        self._clock = clock or SystemClock()  # the leases' expiry in the tables (the sweeper's)
+        self._clock = SystemClock()  # the leases' expiry in the tables (the sweeper's)
         self.journal = journal
         self.name = name  # this journal's key in `journals_applied`
         self._replica = secrets.token_hex(6)
         self._taken = 0
-        self._seq = applied_seq  # the number of the last record written
+        self._seq = 0  # the number of the last record written (`restart_at` after a replay)
         self._queue: list[Queued] = []
         self._by_member: dict[int, Lease] = {}
         self._admitted: dict[str, _FromLease] = {}
         self._months = Months()
-        self._idle_checked_s = 0.0
 
     # -- steps decided in memory
 
@@ -227,14 +220,14 @@ class Leases:
         self._write(r.member_id, statements)
         lease.remaining_nanos -= worst_case_nanos
         lease.used_at_s = now_s
-        self._admitted[r.request_id] = _FromLease(lease, pending, r)
+        self._admitted[r.request_id] = _FromLease(lease, pending)
         return Admission(Admitted(INCLUDED, worst_case_nanos), windows, lease.member, lease.funds)
 
     def member_of(self, request_id: str) -> int | None:
         """The member of a request admitted from a lease (and forget it): its settlement runs
         in a batch."""
         admitted = self._admitted.pop(request_id, None)
-        return None if admitted is None else admitted.request.member_id
+        return None if admitted is None else admitted.pending.member_id
 
     def settle(self, s: Settlement) -> Settled | None:
         """The settlement of a request admitted from a lease, when its cost is within its
@@ -284,11 +277,8 @@ class Leases:
             self._write(member_id, [(RETURN_SQL, [lease.lease_id])])
 
     def give_back_idle(self) -> None:
-        """Return the leases idle for LEASE_IDLE_S, or past their age (checked once a second)."""
+        """Return the leases idle for LEASE_IDLE_S, or past their age."""
         now_s = time.monotonic()
-        if now_s - self._idle_checked_s < 1:
-            return
-        self._idle_checked_s = now_s
         for lease in list(self._by_member.values()):
             if now_s - lease.used_at_s >= LEASE_IDLE_S or not self._usable(lease, now_s):
                 self.give_back(lease.member_id)
@@ -445,17 +435,16 @@ def journal_name(path: str) -> str:
     return f"{os.path.abspath(path)}#{journal_id}"
 
 
-def statements_in_order(records: list[Queued] | list[Record]) -> list[tuple[str, list[list]]]:
-    """The records' statements, each statement's rows together (one round trip each), in an
-    order that gives what running them record by record gives: inserts first (a later update
-    may touch a row they add), lease returns last (a step that moved a lease before its return
-    moves it, and a return takes out what is left, so the windows end the same), the others in
-    the order they first came; all of them add or subtract, so their order does not matter."""
-    rows_by_sql: dict[str, list[list]] = {}
-    for record in records:
-        statements = record.statements if isinstance(record, Queued) else record[1]
-        for sql, params in statements:
-            rows_by_sql.setdefault(sql, []).append(params)
+def statements_in_order(statements: Iterable[Statement]) -> list[tuple[str, list[Any]]]:
+    """Statements with each statement's rows together (one round trip each), in an order that
+    gives what running them one by one gives: inserts first (a later update may touch a row
+    they add), lease returns last (a step that moved a lease before its return moves it, and a
+    return takes out what is left, so the windows end the same), the others in the order they
+    first came; all of them add or subtract, so their order does not matter. The batches send
+    their held writes (batches.py `_Held`) and the journal's records so."""
+    rows_by_sql: dict[str, list[Any]] = {}
+    for sql, params in statements:
+        rows_by_sql.setdefault(sql, []).append(params)
 
     def rank(sql: str) -> int:
         return 0 if sql.lstrip().upper().startswith("INSERT") else 2 if sql == RETURN_SQL else 1

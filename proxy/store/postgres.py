@@ -6,11 +6,11 @@ likewise under the org's row lock (`SELECT ... FOR UPDATE`, member before org); 
 COMMITTED every later statement of that transaction then sees what the previous holder committed.
 A transaction that still loses a race (deadlock, serialization failure) runs again (sql._atomic).
 Admissions and settlements commit in batches, many steps in one transaction (batches.py), on
-connections kept open for them beside the pool (`kept_transaction`: two at most); given a journal
-file (`store.journal`), most are decided in memory from leases and reach the tables in those
-batches (leases.py). A server that is down, a connection that dies and a pool with no free connection within
-`store.pool_timeout_s` all become StoreUnavailable: the request fails with a 503, and fresh
-connections are opened for the next one.
+connections kept open for them beside the pool (`kept_transaction`: two at most); given a
+journal file (`store.journal`), most are decided in memory from leases and reach the tables in
+those batches (leases.py). A server that is down, a connection that dies and a pool with no free
+connection within `store.pool_timeout_s` all become StoreUnavailable: the request fails with a
+503, and fresh connections are opened for the next one.
 """
 
 from __future__ import annotations
